@@ -1,0 +1,53 @@
+# auditor: `make help` lists the targets. Everything runs from the project's own virtualenv (.venv).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# This workplace ships a CPU torch 2.13.0 wheel on disk; on a CUDA machine take the newest matching build.
+# Override: make install TORCH="torch==2.5.1"
+TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.3"; else echo "torch==2.13.0"; fi)
+TOY_MODEL ?= .cache/toy-model
+DEMO_OUT ?= runs/demo
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+
+.PHONY: help install test test-fast demo bench lint format toy-model clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools
+
+install: $(PY)  ## create .venv and install auditor with test extras (one resolver run keeps s3fs/boto3 compatible)
+	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
+	@$(PY) -c "import auditor, torch, ray, diffusers; print('auditor installed; torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(MAKE) install
+	touch $@
+
+test: $(VENV)/.installed  ## run the whole test suite (GPU tests skip without CUDA)
+	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.installed  ## unit tests only (no Ray, no S3 server)
+	$(PY) -m pytest -q tests/unit
+
+demo: $(VENV)/.installed  ## build/reuse the toy model, write a sample corpus, audit it on local Ray, show top flags
+	$(PY) -m auditor.toy.demo --model-dir $(TOY_MODEL) --out $(DEMO_OUT)
+
+toy-model: $(VENV)/.installed  ## build (or reuse) the toy memorizing model in $(TOY_MODEL)
+	$(PY) -m auditor toy-model build $(TOY_MODEL)
+
+bench: $(VENV)/.installed  ## CPU benchmarks (run on an otherwise idle machine); results go to BENCHMARKS.md by hand
+	$(PY) bench/scorer.py
+
+lint: $(VENV)/.installed  ## ruff format check + lint
+	$(PY) -m ruff format --check auditor jobs bench tests
+	$(PY) -m ruff check auditor jobs bench tests
+
+format: $(VENV)/.installed  ## apply ruff formatting and fixes
+	$(PY) -m ruff format auditor jobs bench tests
+	$(PY) -m ruff check --fix auditor jobs bench tests
+
+clean:  ## remove caches and demo outputs (keeps .venv)
+	rm -rf .cache runs .pytest_cache .ruff_cache

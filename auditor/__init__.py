@@ -1,0 +1,11 @@
+"""auditor: find memorization-prone captions in text-to-image training data.
+
+Importing this package never imports ray; the pipeline is imported only when an audit runs.
+"""
+
+from __future__ import annotations
+
+from auditor.scoring import Scorer
+
+__all__ = ["Scorer", "__version__"]
+__version__ = "0.1.0"

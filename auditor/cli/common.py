@@ -1,0 +1,47 @@
+"""Argument groups several subcommands share, so a flag means the same thing everywhere."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from auditor.errors import InputDataError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        required=True,
+        help="diffusers Stable Diffusion folder: local path, hub id (owner/name) or fsspec URI (s3://bucket/model)",
+    )
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        help="weights/activations dtype; auto = fp16 on CUDA, fp32 on CPU (norms are always float32)",
+    )
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("score")
+    group.add_argument(
+        "--generations", type=int, default=1, help="initial noises x_T averaged per caption (n; default 1)"
+    )
+    group.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="DDIM steps averaged (1 = first step only, the fast detector; >1 follows a CFG-7.5 trajectory)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="noise seed; x_T depends only on (seed, generation)")
+    group.add_argument("--batch-size", type=int, default=32, help="captions per UNet batch (default 32)")
+
+
+def read_caption_lines(path: str) -> list[str]:
+    """Captions from a text file, one per line; blank lines are skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputDataError(f"--file {path} does not exist or is not a file.")
+    return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,10 @@
+"""The model math: loading, encoding, first-step magnitude, explain, mitigate.
+
+Pure torch/diffusers/transformers: never imports ray, pyarrow or the pipeline.
+"""
+
+from __future__ import annotations
+
+from auditor.scoring.scorer import Scorer, TokenizedCaptions
+
+__all__ = ["Scorer", "TokenizedCaptions"]

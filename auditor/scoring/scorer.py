@@ -1,0 +1,285 @@
+"""`Scorer`: the first-step memorization score of Wen et al. (ICLR 2024), batched, with a shared uncond pass.
+
+score(p) = mean_k || eps(x_T^k, t1, E(p)) - eps(x_T^k, t1, E("")) ||_2, the norm per sample over C*H*W in float32.
+x_T^k depends only on (seed, k), so eps(x_T^k, t1, E("")) is computed once per k and reused for every caption:
+one UNet row per caption and generation instead of two, and scores that do not depend on batch or order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from auditor.errors import ConfigError, InputDataError
+from auditor.scoring import magnitude
+from auditor.scoring.loading import ModelComponents, fingerprint_model, load_components, resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# (x (B, C, H, W), t 0-d int tensor, prompt_embeds (B, L, D)) -> native UNet output (B, C, H, W)
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TokenizedCaptions:
+    """Captions tokenized exactly as StableDiffusionPipeline.encode_prompt does (pad to max length, truncate).
+
+    input_ids, attention_mask: (B, L) int64. n_tokens: (B,) int32, the caption's tokens before truncation,
+    special tokens excluded. truncated: (B,) bool, True when tokens were cut to fit L.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None or "auto": fp16 on CUDA, fp32 elsewhere (CPU half matmuls are slow and less accurate)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def validate_captions(captions: Sequence[Any]) -> list[str]:
+    if isinstance(captions, str):
+        raise InputDataError("captions must be a list of strings, got one string; wrap it: [caption].")
+    result = list(captions)
+    for index, caption in enumerate(result):
+        if not isinstance(caption, str):
+            raise InputDataError(
+                f"caption at index {index} is {type(caption).__name__} ({caption!r:.60}), expected str. "
+                "Drop or fix that row (the audit pipeline records such rows with a status instead)."
+            )
+    return result
+
+
+class Scorer:
+    """Scores captions with one model. Build with `Scorer.from_pretrained`; reuse it for many batches."""
+
+    def __init__(self, components: ModelComponents, device: torch.device, dtype: torch.dtype, batch_size: int = 32):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.tokenizer = components.tokenizer
+        self.text_encoder = components.text_encoder
+        self.unet = components.unet
+        self.scheduler = magnitude.build_ddim_scheduler(components.scheduler_config)
+        self.timesteps = self.scheduler.timesteps.to(device)
+        self.max_length = int(self.tokenizer.model_max_length)
+        sample_size = self.unet.config.sample_size
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        self.latent_shape = (int(self.unet.config.in_channels), int(height), int(width))
+        self.use_attention_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
+        self.denoiser: Denoiser = self.eager_unet
+        self._n_special_tokens = len(self.tokenizer("")["input_ids"])
+        self._latents_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._uncond_cache: dict[bytes, torch.Tensor] = {}
+        self._empty_embedding: torch.Tensor | None = None
+        self._fingerprint: str | None = None
+
+    # 1. Construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        batch_size: int = 32,
+        storage_options: dict[str, Any] | None = None,
+    ) -> Scorer:
+        """Load a diffusers Stable Diffusion folder: local path, hub id, or fsspec URI (s3://bucket/model).
+
+        device None picks CUDA when present; dtype None picks fp16 on CUDA and fp32 on CPU.
+        Weights load from safetensors only.
+        """
+        started = time.perf_counter()
+        resolved_device = resolve_device(device)
+        resolved_dtype = resolve_dtype(dtype, resolved_device)
+        root = resolve_model_dir(model, storage_options)
+        components = load_components(root, resolved_device, resolved_dtype)
+        logger.info(
+            "loaded %s on %s/%s in %.1fs", root, resolved_device, resolved_dtype, time.perf_counter() - started
+        )
+        return cls(components, resolved_device, resolved_dtype, batch_size=batch_size)
+
+    @property
+    def first_timestep(self) -> int:
+        return int(self.timesteps[0])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the model folder's configs and weights (see `fingerprint_model`)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_model(Path(self.components.root))
+        return self._fingerprint
+
+    # 2. Text ----------------------------------------------------------------------------------------------------
+    def tokenize(self, captions: Sequence[str]) -> TokenizedCaptions:
+        captions = validate_captions(captions)
+        padded = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
+        )
+        # A second pass without truncation only to count tokens; cheap next to one UNet row.
+        full_lengths = np.array(
+            [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]],
+            dtype=np.int32,
+        )
+        return TokenizedCaptions(
+            input_ids=padded["input_ids"].astype(np.int64),
+            attention_mask=padded["attention_mask"].astype(np.int64),
+            n_tokens=np.maximum(full_lengths - self._n_special_tokens, 0),
+            truncated=full_lengths > self.max_length,
+        )
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D) text-encoder output in the model dtype, as encode_prompt builds it."""
+        mask = attention_mask.to(self.device) if (self.use_attention_mask and attention_mask is not None) else None
+        hidden = self.text_encoder(input_ids.to(self.device), attention_mask=mask)[0]
+        return hidden.to(dtype=self.dtype)
+
+    def empty_embedding(self) -> torch.Tensor:
+        """E("") padded to L: (1, L, D), the unconditional embedding of the pipeline's CFG batch."""
+        if self._empty_embedding is None:
+            empty = self.tokenize([""])
+            with torch.inference_mode():
+                self._empty_embedding = self.encode(
+                    torch.from_numpy(empty.input_ids), torch.from_numpy(empty.attention_mask)
+                )
+        return self._empty_embedding
+
+    # 3. Noise ---------------------------------------------------------------------------------------------------
+    def initial_latents(self, generations: int, seed: int) -> torch.Tensor:
+        """x_T: (n, C, H, W) float32 on CPU, one draw per (seed, k), times the scheduler's init_noise_sigma."""
+        key = (seed, generations)
+        if key not in self._latents_cache:
+            self._latents_cache[key] = magnitude.initial_latents(
+                seed, generations, self.latent_shape, float(self.scheduler.init_noise_sigma)
+            )
+        return self._latents_cache[key]
+
+    def eager_unet(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+
+    def _uncond_first_output(self, latent: torch.Tensor) -> torch.Tensor:
+        """UNet output for E("") at t1 on one x_T (1, C, H, W): computed once per distinct latent, then reused."""
+        key = hashlib.sha1(latent.float().cpu().numpy().tobytes()).digest()
+        if key not in self._uncond_cache:
+            sample = latent.to(self.device, self.dtype)
+            self._uncond_cache[key] = self.denoiser(sample, self.timesteps[0], self.empty_embedding())
+        return self._uncond_cache[key]
+
+    # 4. Score ---------------------------------------------------------------------------------------------------
+    def score(
+        self,
+        captions: Sequence[str],
+        generations: int = 1,
+        steps: int = 1,
+        seed: int = 0,
+        latents: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """Memorization score per caption: (B,) float32. Higher means more likely memorized.
+
+        latents, when given, is (n, C, H, W) and is x_T for every caption (n = generations).
+        steps > 1 also averages over the first `steps` steps of a CFG (7.5) DDIM trajectory from x_T.
+        """
+        return self.score_tokenized(self.tokenize(captions), generations, steps, seed, latents)
+
+    def score_tokenized(
+        self,
+        tokens: TokenizedCaptions,
+        generations: int = 1,
+        steps: int = 1,
+        seed: int = 0,
+        latents: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """`score` on already tokenized captions (the pipeline tokenizes on CPU workers)."""
+        x_T = self.check_score_args(generations, steps, seed, latents)
+        if len(tokens) == 0:
+            return np.zeros(0, dtype=np.float32)
+        # Identical token ids (after truncation) score identically: compute each once.
+        unique_ids, first_index, inverse = np.unique(
+            tokens.input_ids, axis=0, return_index=True, return_inverse=True
+        )
+        unique_masks = tokens.attention_mask[first_index]
+        unique_scores = np.empty(len(unique_ids), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(unique_ids), self.batch_size):
+                stop = start + self.batch_size
+                prompt_embeds = self.encode(
+                    torch.from_numpy(unique_ids[start:stop]), torch.from_numpy(unique_masks[start:stop])
+                )
+                unique_scores[start:stop] = self.magnitudes(prompt_embeds, x_T, steps).cpu().numpy()
+        return unique_scores[inverse.reshape(-1)]
+
+    def check_score_args(
+        self, generations: int, steps: int, seed: int, latents: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Validate the score options and return x_T (n, C, H, W) float32."""
+        if not isinstance(generations, int) or generations < 1:
+            raise ConfigError(f"generations must be an int >= 1, got {generations!r}.")
+        if not isinstance(steps, int) or not 1 <= steps <= magnitude.NUM_INFERENCE_STEPS:
+            raise ConfigError(f"steps must be an int in 1..{magnitude.NUM_INFERENCE_STEPS}, got {steps!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"seed must be an int >= 0, got {seed!r}.")
+        if latents is None:
+            return self.initial_latents(generations, seed)
+        expected = (generations, *self.latent_shape)
+        if tuple(latents.shape) != expected:
+            raise ConfigError(
+                f"latents have shape {tuple(latents.shape)}, expected {expected} (generations, C, H, W) for this model."
+            )
+        return latents.detach().float().cpu()
+
+    def magnitudes(self, prompt_embeds: torch.Tensor, x_T: torch.Tensor, steps: int = 1) -> torch.Tensor:
+        """(B, L, D) prompt embeddings and (n, C, H, W) x_T -> (B,) float32 scores on the device.
+
+        Step 0 reuses the cached uncond output (one UNet row per caption); later steps of a multi-step score
+        run [uncond; cond] on the per-caption trajectory, as the pipeline's CFG loop does.
+        """
+        batch = prompt_embeds.shape[0]
+        total = torch.zeros(batch, dtype=torch.float32, device=self.device)
+        for k in range(x_T.shape[0]):
+            sample = x_T[k : k + 1].to(self.device, self.dtype).expand(batch, -1, -1, -1).contiguous()
+            for index, timestep in enumerate(self.timesteps[:steps]):
+                if index == 0:
+                    cond = self.denoiser(sample, timestep, prompt_embeds)
+                    uncond = self._uncond_first_output(x_T[k : k + 1]).expand_as(cond)
+                else:
+                    empty = self.empty_embedding().expand(batch, -1, -1)
+                    both = self.denoiser(torch.cat([sample, sample]), timestep, torch.cat([empty, prompt_embeds]))
+                    uncond, cond = both.chunk(2)
+                eps_cond = magnitude.to_epsilon(cond, sample, int(timestep), self.scheduler)
+                eps_uncond = magnitude.to_epsilon(uncond, sample, int(timestep), self.scheduler)
+                total += magnitude.per_sample_l2(eps_cond.float() - eps_uncond.float())
+                if index + 1 < steps:
+                    guided = magnitude.guided_output(uncond, cond)
+                    sample = self.scheduler.step(guided, timestep, sample, return_dict=False)[0]
+        return total / (x_T.shape[0] * steps)

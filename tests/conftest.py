@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny SD folders built from configs once per session; no downloads, ever."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Random tiny SD v1-style model (epsilon prediction), 4x16x16 latents."""
+    from auditor.toy.models import TINY, build_random_sd
+
+    return build_random_sd(tmp_path_factory.mktemp("tiny-eps") / "model", TINY, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model_dir(tmp_path_factory) -> Path:
+    """Random tiny SD 2.x-style model (v-prediction), with a non-square latent to catch shape assumptions."""
+    from auditor.toy.models import TINY, build_random_sd
+
+    return build_random_sd(
+        tmp_path_factory.mktemp("tiny-v") / "model", TINY, seed=1, prediction_type="v_prediction"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tiny_model_dir):
+    from auditor import Scorer
+
+    return Scorer.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
