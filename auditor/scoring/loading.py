@@ -113,15 +113,16 @@ def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Mod
     from transformers import AutoTokenizer
 
     check_model_dir(root)
+    transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     text_config = json.loads((root / "text_encoder" / "config.json").read_text())
     architecture = (text_config.get("architectures") or ["CLIPTextModel"])[0]
     text_encoder_cls = getattr(transformers, architecture, transformers.CLIPTextModel)
-    text_encoder = text_encoder_cls.from_pretrained(root / "text_encoder", use_safetensors=True)
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
+    text_encoder = text_encoder_cls.from_pretrained(root / "text_encoder", use_safetensors=True, dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=dtype)
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    text_encoder.to(device=device).eval().requires_grad_(False)
+    unet.to(device=device).eval().requires_grad_(False)
     return ModelComponents(root, tokenizer, text_encoder, unet, scheduler_config)
 
 

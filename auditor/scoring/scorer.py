@@ -169,7 +169,7 @@ class Scorer:
         """E("") padded to L: (1, L, D), the unconditional embedding of the pipeline's CFG batch."""
         if self._empty_embedding is None:
             empty = self.tokenize([""])
-            with torch.inference_mode():
+            with torch.no_grad():
                 self._empty_embedding = self.encode(
                     torch.from_numpy(empty.input_ids), torch.from_numpy(empty.attention_mask)
                 )
@@ -193,7 +193,8 @@ class Scorer:
         key = hashlib.sha1(latent.float().cpu().numpy().tobytes()).digest()
         if key not in self._uncond_cache:
             sample = latent.to(self.device, self.dtype)
-            self._uncond_cache[key] = self.denoiser(sample, self.timesteps[0], self.empty_embedding())
+            with torch.no_grad():
+                self._uncond_cache[key] = self.denoiser(sample, self.timesteps[0], self.empty_embedding())
         return self._uncond_cache[key]
 
     # 4. Score ---------------------------------------------------------------------------------------------------
@@ -230,7 +231,8 @@ class Scorer:
         )
         unique_masks = tokens.attention_mask[first_index]
         unique_scores = np.empty(len(unique_ids), dtype=np.float32)
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the cached uncond tensors must stay usable by explain/mitigate's autograd.
+        with torch.no_grad():
             for start in range(0, len(unique_ids), self.batch_size):
                 stop = start + self.batch_size
                 prompt_embeds = self.encode(
