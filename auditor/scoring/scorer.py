@@ -144,6 +144,9 @@ class Scorer:
     # 2. Text ----------------------------------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> TokenizedCaptions:
         captions = validate_captions(captions)
+        if not captions:
+            empty = np.zeros((0, self.max_length), dtype=np.int64)
+            return TokenizedCaptions(empty, empty.copy(), np.zeros(0, np.int32), np.zeros(0, bool))
         padded = self.tokenizer(
             captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
         )
