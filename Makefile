@@ -9,7 +9,7 @@ TOY_MODEL ?= .cache/toy-model
 DEMO_OUT ?= runs/demo
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: help install test test-fast demo bench lint format toy-model clean
+.PHONY: help install test test-fast demo bench lint format toy-model gpu-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ toy-model: $(VENV)/.installed  ## build (or reuse) the toy memorizing model in $
 
 bench: $(VENV)/.installed  ## CPU benchmarks (run on an otherwise idle machine); results go to BENCHMARKS.md by hand
 	$(PY) bench/scorer.py
+
+gpu-wheels: $(VENV)/.installed  ## wheels bench/gpu.sh installs on an offline GPU machine (carry .cache/wheels)
+	$(PY) -m pip download -q --no-deps -d .cache/wheels "diffusers==$$($(PY) -c 'import diffusers; print(diffusers.__version__)')" importlib_metadata zipp
 
 lint: $(VENV)/.installed  ## ruff format check + lint
 	$(PY) -m ruff format --check auditor jobs bench tests

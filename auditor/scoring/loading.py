@@ -63,7 +63,9 @@ def resolve_model_dir(model: str | os.PathLike[str], storage_options: dict[str, 
     if path.is_dir():
         return path
     if path.exists():
-        raise ModelLoadError(f"model {text!r} is a file; pass the diffusers folder that holds unet/, text_encoder/, ...")
+        raise ModelLoadError(
+            f"model {text!r} is a file; pass the diffusers folder that holds unet/, text_encoder/, ..."
+        )
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return _download_from_hub(text)
     raise ModelLoadError(
@@ -103,7 +105,9 @@ def check_model_dir(root: Path) -> None:
                 f"{folder} has only pickle weights ({', '.join(sorted(pickles))}); auditor loads safetensors only, "
                 "since unpickling runs arbitrary code. Convert once with `save_pretrained(..., safe_serialization=True)`."
             )
-        raise ModelLoadError(f"{folder} has no *.safetensors weights; found: {', '.join(sorted(files)) or 'nothing'}.")
+        raise ModelLoadError(
+            f"{folder} has no *.safetensors weights; found: {', '.join(sorted(files)) or 'nothing'}."
+        )
 
 
 def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> ModelComponents:

@@ -33,7 +33,9 @@ def initial_latents(
 ) -> torch.Tensor:
     """x_T for each generation: (n, C, H, W) float32 on CPU, drawn on CPU so every device sees the same noise."""
     draws = [
-        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(noise_seed(seed, k)), dtype=torch.float32)
+        torch.randn(
+            shape, generator=torch.Generator("cpu").manual_seed(noise_seed(seed, k)), dtype=torch.float32
+        )
         for k in range(generations)
     ]
     return torch.stack(draws) * init_noise_sigma
@@ -52,7 +54,9 @@ def to_epsilon(
         return alpha_prod.sqrt() * output + (1 - alpha_prod).sqrt() * sample
     if prediction_type == "sample":
         return (sample - alpha_prod.sqrt() * output) / (1 - alpha_prod).sqrt()
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
+    raise ValueError(
+        f"unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample"
+    )
 
 
 def per_sample_l2(difference: torch.Tensor) -> torch.Tensor:
@@ -60,6 +64,8 @@ def per_sample_l2(difference: torch.Tensor) -> torch.Tensor:
     return difference.float().flatten(1).norm(p=2, dim=1)
 
 
-def guided_output(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float = GUIDANCE_SCALE) -> torch.Tensor:
+def guided_output(
+    uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float = GUIDANCE_SCALE
+) -> torch.Tensor:
     """Classifier-free guidance, uncond + w * (cond - uncond), in the model's own output space."""
     return uncond + guidance_scale * (cond - uncond)

@@ -80,7 +80,9 @@ def validate_captions(captions: Sequence[Any]) -> list[str]:
 class Scorer:
     """Scores captions with one model. Build with `Scorer.from_pretrained`; reuse it for many batches."""
 
-    def __init__(self, components: ModelComponents, device: torch.device, dtype: torch.dtype, batch_size: int = 32):
+    def __init__(
+        self, components: ModelComponents, device: torch.device, dtype: torch.dtype, batch_size: int = 32
+    ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         self.components = components
@@ -91,13 +93,24 @@ class Scorer:
         self.text_encoder = components.text_encoder
         self.unet = components.unet
         self.scheduler = magnitude.build_ddim_scheduler(components.scheduler_config)
-        self.timesteps = self.scheduler.timesteps.to(device)
+        # Kept on CPU: reading a timestep as int must never wait on the GPU.
+        self.timesteps = self.scheduler.timesteps.cpu()
         self.max_length = int(self.tokenizer.model_max_length)
         sample_size = self.unet.config.sample_size
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         self.latent_shape = (int(self.unet.config.in_channels), int(height), int(width))
         self.use_attention_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
         self.denoiser: Denoiser = self.eager_unet
+        self.text_forward: Callable[[torch.Tensor], torch.Tensor] = self.eager_text_encoder
+        # What this scorer runs with, for logs and _audit.json.
+        self.runtime: dict[str, Any] = {
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch_size": batch_size,
+            "cuda_graphs": False,
+            "channels_last": False,
+            "torch": torch.__version__,
+        }
         self._n_special_tokens = len(self.tokenizer("")["input_ids"])
         self._latents_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._uncond_cache: dict[bytes, torch.Tensor] = {}
@@ -114,10 +127,12 @@ class Scorer:
         *,
         batch_size: int = 32,
         storage_options: dict[str, Any] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> Scorer:
         """Load a diffusers Stable Diffusion folder: local path, hub id, or fsspec URI (s3://bucket/model).
 
         device None picks CUDA when present; dtype None picks fp16 on CUDA and fp32 on CPU.
+        cuda_graphs None captures CUDA graphs for `batch_size` when on CUDA; True off CUDA is an error.
         Weights load from safetensors only.
         """
         started = time.perf_counter()
@@ -126,9 +141,39 @@ class Scorer:
         root = resolve_model_dir(model, storage_options)
         components = load_components(root, resolved_device, resolved_dtype)
         logger.info(
-            "loaded %s on %s/%s in %.1fs", root, resolved_device, resolved_dtype, time.perf_counter() - started
+            "loaded %s on %s/%s in %.1fs",
+            root,
+            resolved_device,
+            resolved_dtype,
+            time.perf_counter() - started,
         )
-        return cls(components, resolved_device, resolved_dtype, batch_size=batch_size)
+        if cuda_graphs and resolved_device.type != "cuda":
+            raise ConfigError(
+                f"cuda_graphs=True needs a CUDA device, got {resolved_device}; pass --no-cuda-graphs."
+            )
+        scorer = cls(components, resolved_device, resolved_dtype, batch_size=batch_size)
+        if resolved_device.type == "cuda":
+            scorer.optimize_for_cuda(cuda_graphs=cuda_graphs is not False)
+        logger.info("scorer runtime: %s", scorer.runtime)
+        return scorer
+
+    def optimize_for_cuda(self, cuda_graphs: bool = True, channels_last: bool = True) -> None:
+        """channels_last UNet and, optionally, CUDA graphs for the text encoder and first-step UNet at batch_size."""
+        from auditor.scoring.cuda_graph import CudaGraphRunner, GraphedFirstStepUNet
+
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.runtime["channels_last"] = True
+        if not cuda_graphs:
+            return
+        batch = self.batch_size
+        example_embeds = self.empty_embedding().expand(batch, -1, -1).contiguous()
+        example_sample = torch.randn(batch, *self.latent_shape, device=self.device, dtype=self.dtype)
+        self.denoiser = GraphedFirstStepUNet(self.unet, self.first_timestep, example_sample, example_embeds)
+        if not self.use_attention_mask:
+            example_ids = torch.zeros(batch, self.max_length, dtype=torch.int64, device=self.device)
+            self.text_forward = CudaGraphRunner(self.eager_text_encoder, [example_ids])
+        self.runtime["cuda_graphs"] = True
 
     @property
     def first_timestep(self) -> int:
@@ -164,9 +209,20 @@ class Scorer:
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) text-encoder output in the model dtype, as encode_prompt builds it."""
-        mask = attention_mask.to(self.device) if (self.use_attention_mask and attention_mask is not None) else None
-        hidden = self.text_encoder(input_ids.to(self.device), attention_mask=mask)[0]
-        return hidden.to(dtype=self.dtype)
+        input_ids = self.to_device(input_ids)
+        if self.use_attention_mask and attention_mask is not None:
+            hidden = self.text_encoder(input_ids, attention_mask=self.to_device(attention_mask))[0]
+            return hidden.to(dtype=self.dtype)
+        return self.text_forward(input_ids)
+
+    def eager_text_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0].to(dtype=self.dtype)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host -> device; through pinned memory on CUDA so the copy overlaps with queued GPU work."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def empty_embedding(self) -> torch.Tensor:
         """E("") padded to L: (1, L, D), the unconditional embedding of the pipeline's CFG batch."""
@@ -188,7 +244,9 @@ class Scorer:
             )
         return self._latents_cache[key]
 
-    def eager_unet(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def eager_unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
 
     def _uncond_first_output(self, latent: torch.Tensor) -> torch.Tensor:
@@ -279,7 +337,9 @@ class Scorer:
                     uncond = self._uncond_first_output(x_T[k : k + 1]).expand_as(cond)
                 else:
                     empty = self.empty_embedding().expand(batch, -1, -1)
-                    both = self.denoiser(torch.cat([sample, sample]), timestep, torch.cat([empty, prompt_embeds]))
+                    both = self.denoiser(
+                        torch.cat([sample, sample]), timestep, torch.cat([empty, prompt_embeds])
+                    )
                     uncond, cond = both.chunk(2)
                 eps_cond = magnitude.to_epsilon(cond, sample, int(timestep), self.scheduler)
                 eps_uncond = magnitude.to_epsilon(uncond, sample, int(timestep), self.scheduler)

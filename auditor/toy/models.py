@@ -61,7 +61,20 @@ SMALL = TinySDSpec(
     text_intermediate=512,
     norm_num_groups=32,
 )
-PRESETS = {"tiny": TINY, "small": SMALL}
+# Stable Diffusion v1.5 shapes (UNet ~860M parameters, CLIP ViT-L/14-sized text encoder): for GPU throughput,
+# which does not depend on the weights' values. Only the vocabulary is smaller (it changes no FLOPs).
+SD15 = TinySDSpec(
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    sample_size=64,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    text_layers=12,
+    text_heads=12,
+    text_intermediate=3072,
+    norm_num_groups=32,
+)
+PRESETS = {"tiny": TINY, "small": SMALL, "sd15": SD15}
 
 
 def build_unet(spec: TinySDSpec):
@@ -142,6 +155,29 @@ def save_sd_folder(out_dir: Path, tokenizer, text_encoder, unet, vae, scheduler_
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def build_random_components(
+    spec: TinySDSpec, device: str | torch.device, dtype: torch.dtype, *, seed: int = 0
+):
+    """In-memory random model (no folder written): `ModelComponents` for throughput benchmarks and GPU tests."""
+    import tempfile
+
+    from auditor.scoring.loading import ModelComponents
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_clip_tokenizer(
+            default_corpus(seed), scratch, vocab_size=spec.vocab_size, model_max_length=spec.model_max_length
+        )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        text_encoder = (
+            build_text_encoder(spec, vocab_size=len(tokenizer)).to(dtype).eval().requires_grad_(False)
+        )
+        # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules this UNet does not have.
+        unet = torch.nn.Module.to(build_unet(spec), dtype).eval().requires_grad_(False)
+    scheduler_config = dict(SD_V1_SCHEDULER, prediction_type=spec.prediction_type)
+    return ModelComponents(Path("<in-memory>"), tokenizer, text_encoder, unet, scheduler_config)
 
 
 def build_random_sd(

@@ -29,7 +29,9 @@ def test_pickle_only_weights_are_refused(tiny_model_dir, tmp_path):
     for weights in (model / "unet").glob("*.safetensors"):
         weights.unlink()
     (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not loaded, ever")
-    with pytest.raises(ModelLoadError, match="only pickle weights .*diffusion_pytorch_model.bin.*safetensors only"):
+    with pytest.raises(
+        ModelLoadError, match="only pickle weights .*diffusion_pytorch_model.bin.*safetensors only"
+    ):
         check_model_dir(model)
 
 
@@ -52,7 +54,9 @@ def test_model_reference_forms(tiny_model_dir, tmp_path):
 
 def test_hub_id_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="could not fetch hub model 'someone/sd-model'.*local path or s3://"):
+    with pytest.raises(
+        ModelLoadError, match="could not fetch hub model 'someone/sd-model'.*local path or s3://"
+    ):
         resolve_model_dir("someone/sd-model")
 
 

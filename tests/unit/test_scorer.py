@@ -24,7 +24,9 @@ CAPTIONS = [
 def load_pipeline(model_dir):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -47,7 +49,10 @@ def reference_scores(model_dir, captions, latents, steps=1):
                 for t in scheduler.timesteps[:steps]:
                     out = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample
                     out_uncond, out_cond = out.chunk(2)
-                    eps_uncond, eps_cond = to_eps(out_uncond, x, t, scheduler), to_eps(out_cond, x, t, scheduler)
+                    eps_uncond, eps_cond = (
+                        to_eps(out_uncond, x, t, scheduler),
+                        to_eps(out_cond, x, t, scheduler),
+                    )
                     norms.append((eps_cond - eps_uncond).flatten().norm().item())
                     x = scheduler.step(out_uncond + 7.5 * (out_cond - out_uncond), t, x).prev_sample
             scores.append(np.mean(norms))
@@ -193,3 +198,8 @@ def test_bf16_on_cpu_tracks_fp32(tiny_model_dir, tiny_scorer):
     bf16 = Scorer.from_pretrained(tiny_model_dir, device="cpu", dtype="bf16").score(captions)
     assert bf16.dtype == np.float32
     np.testing.assert_allclose(bf16, reference, rtol=5e-2)
+
+
+def test_cuda_graphs_refused_off_cuda(tiny_model_dir):
+    with pytest.raises(ConfigError, match="cuda_graphs=True needs a CUDA device, got cpu"):
+        Scorer.from_pretrained(tiny_model_dir, device="cpu", cuda_graphs=True)

@@ -1,0 +1,175 @@
+"""GPU throughput of the first-step scorer on an SD v1.5-sized random model; prints a table, writes JSON.
+
+Modes (same captions, fp16, 64x64 latents, n=1):
+  (a) paper loop   one prompt at a time, CFG batch [uncond; cond] of 2 rows, eager
+  (b) batched      shared-uncond scorer at batch B, eager (channels_last)
+  (c) graphs       (b) + CUDA graphs for text encoder and first-step UNet
+  (d) compiled     (b) with torch.compile(mode="reduce-overhead") on the UNet (optional, --compile)
+Usage: python bench/gpu_bench.py --out DIR [--batch-sizes 8 32 64 128] [--seconds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from auditor.scoring.scorer import Scorer  # noqa: E402
+from auditor.toy.models import SD15, build_random_components, build_text_encoder, build_unet, default_corpus  # noqa: E402
+
+
+def sync_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def count_tflop(spec) -> tuple[float, float]:
+    """FLOPs of one UNet sample-forward and one text encoding, counted on the meta device (matmul/conv/attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet, text = build_unet(spec), build_text_encoder(spec, vocab_size=spec.vocab_size)
+        sample = torch.empty(1, spec.latent_channels, spec.sample_size, spec.sample_size)
+        context = torch.empty(1, spec.model_max_length, spec.cross_attention_dim)
+        ids = torch.zeros(1, spec.model_max_length, dtype=torch.long)
+        with FlopCounterMode(display=False) as unet_counter:
+            unet(sample, torch.tensor(981), encoder_hidden_states=context)
+        with FlopCounterMode(display=False) as text_counter:
+            text(ids)
+    return unet_counter.get_total_flops() / 1e12, text_counter.get_total_flops() / 1e12
+
+
+def bf16_matmul_peak_tflops(size: int = 8192, repeats: int = 10) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start = sync_time()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (sync_time() - start) / 1e12
+
+
+def paper_loop_rate(scorer: Scorer, captions: list[str], seconds: float) -> float:
+    """The reference code's cost: per prompt, encode ["", p] and run the UNet on [x; x]."""
+    x_T = scorer.initial_latents(1, 0).to("cuda", scorer.dtype)
+    t1 = scorer.timesteps[0]
+    done, start = 0, sync_time()
+    with torch.inference_mode():
+        while True:
+            for caption in captions:
+                ids = torch.from_numpy(scorer.tokenize(["", caption]).input_ids).to("cuda")
+                embeds = scorer.text_encoder(ids)[0]
+                out = scorer.unet(torch.cat([x_T, x_T]), t1, encoder_hidden_states=embeds).sample
+                uncond, cond = out.chunk(2)
+                (cond.float() - uncond.float()).flatten(1).norm(dim=1).cpu()
+                done += 1
+                if done >= 8 and time.perf_counter() - start > seconds:
+                    return done / (sync_time() - start)
+
+
+def batched_rate(scorer: Scorer, captions: list[str], seconds: float) -> float:
+    batch = scorer.batch_size
+    tokens = scorer.tokenize(captions[: batch * 4])
+    chunks = [tokens.input_ids[i : i + batch] for i in range(0, len(tokens), batch)]
+    x_T = scorer.initial_latents(1, 0)
+
+    def run(ids):
+        with torch.no_grad():
+            return scorer.magnitudes(scorer.encode(torch.from_numpy(ids)), x_T).cpu()
+
+    for ids in chunks[:2]:  # warm-up (and the uncond pass, cached afterwards)
+        run(ids)
+    done, start = 0, sync_time()
+    while True:
+        for ids in chunks:
+            run(ids)
+            done += len(ids)
+        if time.perf_counter() - start > seconds:
+            return done / (sync_time() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="bench-out", help="folder for gpu_bench.json")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64, 128])
+    parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per measurement")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile(mode='reduce-overhead')"
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device; nothing measured.", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    captions = sorted(set(default_corpus(seed=3, size=4000)))
+    unet_tflop, text_tflop = count_tflop(SD15)
+    flop_per_caption = unet_tflop + text_tflop
+    peak = bf16_matmul_peak_tflops()
+    components = build_random_components(SD15, "cuda", torch.float16)
+    rows = []
+    eager = Scorer(components, torch.device("cuda"), torch.float16, batch_size=1)
+    eager.optimize_for_cuda(cuda_graphs=False)
+    paper = paper_loop_rate(eager, captions, args.seconds)
+    for batch in args.batch_sizes:
+        row = {"batch_size": batch, "paper_loop": paper}
+        scorer = Scorer(components, torch.device("cuda"), torch.float16, batch_size=batch)
+        scorer.optimize_for_cuda(cuda_graphs=False)
+        row["batched"] = batched_rate(scorer, captions, args.seconds)
+        scorer.optimize_for_cuda(cuda_graphs=True)
+        row["graphs"] = batched_rate(scorer, captions, args.seconds)
+        if args.compile:
+            compiled = Scorer(components, torch.device("cuda"), torch.float16, batch_size=batch)
+            compiled.unet = torch.compile(components.unet, mode="reduce-overhead")
+            start = time.perf_counter()
+            row["compiled"] = batched_rate(compiled, captions, args.seconds)
+            row["compile_wall_s"] = time.perf_counter() - start
+        row["graphs_tflops"] = row["graphs"] * flop_per_caption
+        row["graphs_fraction_of_peak"] = row["graphs_tflops"] / peak
+        row["graphs_over_paper"] = row["graphs"] / paper
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del scorer
+        torch.cuda.empty_cache()
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "unet_tflop_per_sample": unet_tflop,
+        "text_tflop_per_caption": text_tflop,
+        "bf16_matmul_peak_tflops": peak,
+        "rows": rows,
+    }
+    (out / "gpu_bench.json").write_text(json.dumps(result, indent=2))
+    print(
+        f"\n{result['device']}, torch {result['torch']}; FLOP/caption {flop_per_caption:.3f} T; "
+        f"bf16 matmul peak {peak:.0f} TFLOP/s (measured)"
+    )
+    header = f"{'B':>4} {'(a) paper/s':>12} {'(b) batched/s':>14} {'(c) graphs/s':>13}"
+    header += f" {'(d) compiled/s':>15}" if args.compile else ""
+    header += f" {'(c) TFLOP/s':>12} {'% peak':>7} {'(c)/(a)':>8}"
+    print(header)
+    for row in rows:
+        line = (
+            f"{row['batch_size']:>4} {row['paper_loop']:12.1f} {row['batched']:14.1f} {row['graphs']:13.1f}"
+        )
+        line += f" {row['compiled']:15.1f}" if args.compile else ""
+        line += f" {row['graphs_tflops']:12.1f} {100 * row['graphs_fraction_of_peak']:6.1f}% {row['graphs_over_paper']:8.2f}"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
