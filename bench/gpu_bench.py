@@ -19,15 +19,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from rates import batched_rate, now, paper_loop_rate  # noqa: E402
 
 from auditor.scoring.scorer import Scorer  # noqa: E402
 from auditor.toy.models import SD15, build_random_components, build_text_encoder, build_unet, default_corpus  # noqa: E402
-
-
-def sync_time() -> float:
-    torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def count_tflop(spec) -> tuple[float, float]:
@@ -51,49 +48,11 @@ def bf16_matmul_peak_tflops(size: int = 8192, repeats: int = 10) -> float:
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    start = sync_time()
+    cuda = torch.device("cuda")
+    start = now(cuda)
     for _ in range(repeats):
         a @ b
-    return 2 * size**3 * repeats / (sync_time() - start) / 1e12
-
-
-def paper_loop_rate(scorer: Scorer, captions: list[str], seconds: float) -> float:
-    """The reference code's cost: per prompt, encode ["", p] and run the UNet on [x; x]."""
-    x_T = scorer.initial_latents(1, 0).to("cuda", scorer.dtype)
-    t1 = scorer.timesteps[0]
-    done, start = 0, sync_time()
-    with torch.inference_mode():
-        while True:
-            for caption in captions:
-                ids = torch.from_numpy(scorer.tokenize(["", caption]).input_ids).to("cuda")
-                embeds = scorer.text_encoder(ids)[0]
-                out = scorer.unet(torch.cat([x_T, x_T]), t1, encoder_hidden_states=embeds).sample
-                uncond, cond = out.chunk(2)
-                (cond.float() - uncond.float()).flatten(1).norm(dim=1).cpu()
-                done += 1
-                if done >= 8 and time.perf_counter() - start > seconds:
-                    return done / (sync_time() - start)
-
-
-def batched_rate(scorer: Scorer, captions: list[str], seconds: float) -> float:
-    batch = scorer.batch_size
-    tokens = scorer.tokenize(captions[: batch * 4])
-    chunks = [tokens.input_ids[i : i + batch] for i in range(0, len(tokens), batch)]
-    x_T = scorer.initial_latents(1, 0)
-
-    def run(ids):
-        with torch.no_grad():
-            return scorer.magnitudes(scorer.encode(torch.from_numpy(ids)), x_T).cpu()
-
-    for ids in chunks[:2]:  # warm-up (and the uncond pass, cached afterwards)
-        run(ids)
-    done, start = 0, sync_time()
-    while True:
-        for ids in chunks:
-            run(ids)
-            done += len(ids)
-        if time.perf_counter() - start > seconds:
-            return done / (sync_time() - start)
+    return 2 * size**3 * repeats / (now(cuda) - start) / 1e12
 
 
 def main() -> int:

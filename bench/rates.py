@@ -1,0 +1,59 @@
+"""Throughput loops shared by the CPU and GPU benchmarks: captions per second, device-synchronised."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from auditor.scoring.scorer import Scorer
+
+
+def now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def paper_loop_rate(scorer: Scorer, captions: list[str], seconds: float, min_captions: int = 8) -> float:
+    """The reference code's cost: per prompt, encode ["", p] and run the UNet once on the CFG batch [x; x]."""
+    x_T = scorer.initial_latents(1, 0).to(scorer.device, scorer.dtype)
+    t1 = scorer.timesteps[0]
+
+    def score_one(caption: str) -> None:
+        ids = torch.from_numpy(scorer.tokenize(["", caption]).input_ids).to(scorer.device)
+        embeds = scorer.text_encoder(ids)[0]
+        out = scorer.unet(torch.cat([x_T, x_T]), t1, encoder_hidden_states=embeds).sample
+        uncond, cond = out.chunk(2)
+        (cond.float() - uncond.float()).flatten(1).norm(dim=1).cpu()
+
+    with torch.inference_mode():
+        score_one(captions[-1])  # warm-up
+        done, start = 0, now(scorer.device)
+        while True:
+            for caption in captions:
+                score_one(caption)
+                done += 1
+                if done >= min_captions and time.perf_counter() - start > seconds:
+                    return done / (now(scorer.device) - start)
+
+
+def batched_rate(scorer: Scorer, captions: list[str], seconds: float, chunks: int = 4) -> float:
+    """The shared-uncond scorer at its batch size, on pre-tokenized captions (tokenizing is the CPU stage's job)."""
+    batch = scorer.batch_size
+    tokens = scorer.tokenize(captions[: batch * chunks])
+    batches = [tokens.input_ids[i : i + batch] for i in range(0, len(tokens), batch)]
+    x_T = scorer.initial_latents(1, 0)
+
+    def run(ids) -> None:
+        with torch.no_grad():
+            scorer.magnitudes(scorer.encode(torch.from_numpy(ids)), x_T).cpu()
+
+    run(batches[0])  # warm-up, and the uncond pass (cached afterwards)
+    done, start = 0, now(scorer.device)
+    while True:
+        for ids in batches:
+            run(ids)
+            done += len(ids)
+        if time.perf_counter() - start > seconds:
+            return done / (now(scorer.device) - start)
