@@ -5,12 +5,12 @@ Model math only (torch/diffusers); imports nothing outside auditor.scoring, audi
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import logging
 import math
 import numbers
 import time
-from collections.abc import Iterator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 # AdamW's default decoupled weight decay, as the reference optimiser (torch.optim.AdamW([e], lr)).
 WEIGHT_DECAY = 0.01
+_FLOAT32_UNETS: weakref.WeakKeyDictionary[Scorer, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -52,24 +53,19 @@ def check_mitigate_args(target: float, lr: float, max_iters: int) -> None:
         raise ConfigError(f"max_iters must be an int >= 0, got {max_iters!r} (the paper uses 10).")
 
 
-@contextlib.contextmanager
-def float32_unet(scorer: Scorer) -> Iterator[torch.nn.Module]:
-    """The scorer's UNet in float32 for the duration of the block, cast back afterwards.
+def float32_unet(scorer: Scorer) -> torch.nn.Module:
+    """The scorer's UNet when it is float32, else a float32 copy of it (made once per scorer, then reused).
 
-    Cast in place rather than copied: an fp16/bf16 -> fp32 -> fp16/bf16 round trip is exact, and a float32 copy
-    of SD's UNet would need 3.4 GB beside the half-precision one. The scorer must not be used from another thread
-    while the block runs.
+    A copy, not an in-place cast: the scorer may have captured CUDA graphs over its UNet's weight buffers, and
+    casting there and back would reallocate them under the graphs. The copy upcasts the weights the scorer uses
+    (exact), costing 4 bytes a parameter (3.4 GB for SD's UNet) beside the half-precision one.
     """
     unet = scorer.unet
-    original = next(unet.parameters()).dtype
-    if original == torch.float32:
-        yield unet
-        return
-    unet.to(torch.float32)
-    try:
-        yield unet
-    finally:
-        unet.to(original)
+    if next(unet.parameters()).dtype == torch.float32:
+        return unet
+    if scorer not in _FLOAT32_UNETS:
+        _FLOAT32_UNETS[scorer] = copy.deepcopy(unet).to(torch.float32).eval().requires_grad_(False)
+    return _FLOAT32_UNETS[scorer]
 
 
 def first_step_magnitudes(
@@ -106,7 +102,7 @@ def mitigate(
     averaged over the n generations, i.e. on the same scale as `Scorer.score(..., steps=1)` for any n (the
     reference code uses one norm over all n samples jointly, about sqrt(n) larger). As the reference: AdamW
     (weight decay 0.01) at the first step t1, the early-stop check before each update, at most `max_iters`
-    updates. Unlike it, everything runs in float32 (the UNet is cast for the duration, see `float32_unet`) and
+    updates. Unlike it, everything runs in float32 (a float32 copy of a half-precision UNet, see `float32_unet`) and
     the BOS row is not a parameter at all, so neither its gradient nor the weight decay can move it.
     Generate with the result and the same x_T (`sample_latents`, or a pipeline given `prompt_embeds` and
     `latents=scorer.initial_latents(generations, seed)`), else the optimised embedding does not apply.
@@ -137,7 +133,8 @@ def mitigate(
     sample = x_T.to(device, torch.float32)
 
     # 3. Optimise at the first step
-    with float32_unet(scorer) as unet, torch.enable_grad():
+    unet = float32_unet(scorer)
+    with torch.enable_grad():
         with torch.no_grad():
             uncond = unet(sample, scorer.timesteps[0], encoder_hidden_states=empty, return_dict=False)[0]
         before = after = None

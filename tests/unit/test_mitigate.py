@@ -7,7 +7,7 @@ import torch
 
 from auditor import Scorer
 from auditor.errors import ConfigError, InputDataError
-from auditor.scoring.mitigate import MitigationResult, mitigate, sample_latents
+from auditor.scoring.mitigate import MitigationResult, float32_unet, mitigate, sample_latents
 
 CAPTION = "a red cat sitting in a park"
 
@@ -86,14 +86,21 @@ def test_matches_a_hand_written_adamw_loop(tiny_scorer):
     torch.testing.assert_close(result.prompt_embeds[:, 1:], rest.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_half_precision_scorer_optimises_in_float32_and_gets_its_unet_back(tiny_model_dir):
+def test_half_precision_scorer_optimises_a_float32_copy_and_leaves_its_unet_alone(tiny_model_dir):
     scorer = Scorer.from_pretrained(tiny_model_dir, device="cpu", dtype="bf16")
     weights = {name: p.clone() for name, p in scorer.unet.named_parameters()}
+    # CUDA graphs captured over these buffers must stay valid: same storage, same values.
+    pointers = {name: p.data_ptr() for name, p in scorer.unet.named_parameters()}
     result = mitigate(scorer, CAPTION, target=1e-6, max_iters=2)
     assert result.prompt_embeds.dtype == torch.float32
     assert result.magnitude_after < result.magnitude_before
     for name, p in scorer.unet.named_parameters():
-        assert p.dtype == torch.bfloat16 and torch.equal(p, weights[name]), name
+        assert p.dtype == torch.bfloat16 and p.data_ptr() == pointers[name], name
+        assert torch.equal(p, weights[name]), name
+    copy = float32_unet(scorer)
+    assert copy is float32_unet(scorer) and copy is not scorer.unet
+    assert next(copy.parameters()).dtype == torch.float32
+    assert float32_unet(Scorer.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")).training is False
 
 
 def test_vprediction_model(tiny_vpred_model_dir):
