@@ -291,7 +291,7 @@ class Scorer:
             tokens.input_ids, axis=0, return_index=True, return_inverse=True
         )
         unique_masks = tokens.attention_mask[first_index]
-        unique_scores = np.empty(len(unique_ids), dtype=np.float32)
+        chunk_scores = []
         # no_grad, not inference_mode: the cached uncond tensors must stay usable by explain/mitigate's autograd.
         with torch.no_grad():
             for start in range(0, len(unique_ids), self.batch_size):
@@ -299,7 +299,9 @@ class Scorer:
                 prompt_embeds = self.encode(
                     torch.from_numpy(unique_ids[start:stop]), torch.from_numpy(unique_masks[start:stop])
                 )
-                unique_scores[start:stop] = self.magnitudes(prompt_embeds, x_T, steps).cpu().numpy()
+                # Stays on the device: one host sync at the end, not one per batch.
+                chunk_scores.append(self.magnitudes(prompt_embeds, x_T, steps))
+        unique_scores = torch.cat(chunk_scores).cpu().numpy()
         return unique_scores[inverse.reshape(-1)]
 
     def check_score_args(
@@ -329,8 +331,9 @@ class Scorer:
         """
         batch = prompt_embeds.shape[0]
         total = torch.zeros(batch, dtype=torch.float32, device=self.device)
+        x_T_device = x_T.to(self.device, self.dtype)
         for k in range(x_T.shape[0]):
-            sample = x_T[k : k + 1].to(self.device, self.dtype).expand(batch, -1, -1, -1).contiguous()
+            sample = x_T_device[k : k + 1].expand(batch, -1, -1, -1).contiguous()
             for index, timestep in enumerate(self.timesteps[:steps]):
                 if index == 0:
                     cond = self.denoiser(sample, timestep, prompt_embeds)
