@@ -169,11 +169,20 @@ class Scorer:
         batch = self.batch_size
         example_embeds = self.empty_embedding().expand(batch, -1, -1).contiguous()
         example_sample = torch.randn(batch, *self.latent_shape, device=self.device, dtype=self.dtype)
-        self.denoiser = GraphedFirstStepUNet(self.unet, self.first_timestep, example_sample, example_embeds)
-        if not self.use_attention_mask:
-            example_ids = torch.zeros(batch, self.max_length, dtype=torch.int64, device=self.device)
+        # A model whose forward syncs with the host cannot be captured; it then runs eagerly, and says so.
+        try:
+            self.denoiser = GraphedFirstStepUNet(self.unet, self.first_timestep, example_sample, example_embeds)
+            self.runtime["cuda_graphs"] = True
+        except RuntimeError as exc:
+            logger.warning("UNet CUDA-graph capture failed, running eagerly: %s", exc)
+        if self.use_attention_mask:
+            return
+        example_ids = torch.zeros(batch, self.max_length, dtype=torch.int64, device=self.device)
+        try:
             self.text_forward = CudaGraphRunner(self.eager_text_encoder, [example_ids])
-        self.runtime["cuda_graphs"] = True
+            self.runtime["text_encoder_cuda_graph"] = True
+        except RuntimeError as exc:
+            logger.warning("text-encoder CUDA-graph capture failed, running eagerly: %s", exc)
 
     @property
     def first_timestep(self) -> int:
