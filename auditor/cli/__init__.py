@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from auditor.errors import AuditorError
 
 # Module names under auditor.cli, in the order `auditor --help` lists them.
-COMMAND_MODULES = ("score",)
+COMMAND_MODULES = ("score", "explain")
 
 DESCRIPTION = """\
 Find memorization-prone captions in text-to-image training data.
