@@ -1,0 +1,44 @@
+"""Loading a model folder from S3 (moto server on 127.0.0.1) through s3fs, cached locally once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import s3fs
+
+from auditor import Scorer
+from auditor.errors import ModelLoadError
+
+pytestmark = pytest.mark.integration
+
+
+def test_scorer_loads_from_s3_and_caches(s3_endpoint, tiny_model_dir, tiny_scorer, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUDITOR_CACHE", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir("models-bucket")
+    fs.put(str(tiny_model_dir) + "/", "models-bucket/sd/tiny/", recursive=True)
+    options = {"endpoint_url": s3_endpoint}
+    remote = Scorer.from_pretrained("s3://models-bucket/sd/tiny", device="cpu", storage_options=options)
+    captions = ["a red cat", "an old castle at night"]
+    np.testing.assert_allclose(remote.score(captions), tiny_scorer.score(captions), rtol=1e-6)
+    assert remote.fingerprint == tiny_scorer.fingerprint
+    # Second load comes from the local cache: deleting the bucket copy must not matter.
+    fs.rm("models-bucket/sd/tiny", recursive=True)
+    again = Scorer.from_pretrained("s3://models-bucket/sd/tiny/", device="cpu", storage_options=options)
+    np.testing.assert_allclose(again.score(captions), tiny_scorer.score(captions), rtol=1e-6)
+
+
+def test_missing_s3_folder_is_a_clear_error(s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUDITOR_CACHE", str(tmp_path / "cache"))
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir("empty-bucket")
+    with pytest.raises(ModelLoadError, match="s3://empty-bucket/nothing is not a folder"):
+        Scorer.from_pretrained("s3://empty-bucket/nothing", storage_options={"endpoint_url": s3_endpoint})
+
+
+def test_unreachable_endpoint_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUDITOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    options = {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}}
+    with pytest.raises(ModelLoadError, match="could not copy model from s3://b-bucket/m.*endpoint"):
+        Scorer.from_pretrained("s3://b-bucket/m", storage_options=options)
