@@ -14,17 +14,15 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(PY):
-	python3 -m venv $(VENV)
+install:  ## create .venv and install auditor with test extras (one resolver run keeps s3fs/boto3 compatible)
+	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools
-
-install: $(PY)  ## create .venv and install auditor with test extras (one resolver run keeps s3fs/boto3 compatible)
 	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
+	@touch $(VENV)/.installed
 	@$(PY) -c "import auditor, torch, ray, diffusers; print('auditor installed; torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 
-$(VENV)/.installed: pyproject.toml | $(PY)
+$(VENV)/.installed: pyproject.toml
 	$(MAKE) install
-	touch $@
 
 test: $(VENV)/.installed  ## run the whole test suite (GPU tests skip without CUDA)
 	$(PY) -m pytest -q tests
