@@ -163,3 +163,38 @@ def test_non_string_caption_is_rejected(tiny_scorer):
 def test_bad_options_are_config_errors(tiny_scorer, options, message):
     with pytest.raises(ConfigError, match=message):
         explain(tiny_scorer, CAPTION, **options)
+
+
+def test_cli_prints_a_bar_chart(tiny_model_dir, capsys):
+    from auditor.cli import main
+
+    assert main(["explain", "--model", str(tiny_model_dir), CAPTION, "--generations", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "magnitude" in out and "significance" in out and "share" in out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row.split()[1] for row in rows] == CAPTION.split()
+    assert sum(float(row.split()[-1].rstrip("%")) for row in rows) == pytest.approx(100, abs=0.5)
+    assert any("█" in row for row in rows)
+
+
+def test_cli_json_matches_the_library(tiny_model_dir, tiny_scorer, capsys):
+    import json
+
+    from auditor.cli import main
+
+    assert (
+        main(["explain", "--model", str(tiny_model_dir), CAPTION, "--steps", "2", "--seed", "5", "--json"])
+        == 0
+    )
+    row = json.loads(capsys.readouterr().out)
+    expected = explain(tiny_scorer, CAPTION, steps=2, seed=5)
+    assert row["tokens"] == expected.tokens
+    np.testing.assert_allclose(row["significance"], expected.significance, rtol=1e-5)
+    assert row["magnitude"] == pytest.approx(expected.magnitude, rel=1e-5)
+
+
+def test_cli_empty_caption_is_an_error_message(tiny_model_dir, capsys):
+    from auditor.cli import main
+
+    assert main(["explain", "--model", str(tiny_model_dir), ""]) == 2
+    assert "nothing to explain" in capsys.readouterr().err

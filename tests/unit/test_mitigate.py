@@ -153,3 +153,65 @@ def test_bad_options_are_config_errors(tiny_scorer, options, error, message):
 def test_empty_caption_has_nothing_to_mitigate(tiny_scorer):
     with pytest.raises(InputDataError, match="nothing to explain or mitigate"):
         mitigate(tiny_scorer, "", target=1.0)
+
+
+def test_cli_writes_the_embedding_and_an_image(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+    from safetensors import safe_open
+
+    from auditor.cli import main
+
+    out, png = tmp_path / "emb.safetensors", tmp_path / "img" / "out.png"
+    argv = ["mitigate", "--model", str(tiny_model_dir), CAPTION, "--target", "1e-6", "--max-iters", "2"]
+    assert main([*argv, "--generations", "2", "--out", str(out), "--generate", str(png), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["iterations"] == 2 and summary["reached_target"] is False
+    with safe_open(out, "pt") as fh:
+        embeds = fh.get_tensor("prompt_embeds")
+        assert json.loads(fh.metadata()["magnitude_after"]) == pytest.approx(summary["magnitude_after"])
+    assert embeds.shape == (1, 77, 32) and embeds.dtype == torch.float32
+    image = Image.open(png)
+    assert (
+        image.height == 2 * 16 and image.width == 2 * image.height
+    )  # tiny VAE: 2x upsampling, n=2 side by side
+
+
+def test_cli_generate_without_a_vae_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from auditor.cli import main
+
+    no_vae = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, no_vae, ignore=shutil.ignore_patterns("vae"))
+    argv = [
+        "mitigate",
+        "--model",
+        str(no_vae),
+        CAPTION,
+        "--target",
+        "1",
+        "--out",
+        str(tmp_path / "e.safetensors"),
+    ]
+    assert main([*argv, "--generate", str(tmp_path / "x.png")]) == 2
+    assert "no vae/ folder" in capsys.readouterr().err
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_cli_bad_target_fails_before_loading_the_model(tmp_path, capsys):
+    from auditor.cli import main
+
+    argv = [
+        "mitigate",
+        "--model",
+        str(tmp_path / "missing"),
+        CAPTION,
+        "--target",
+        "0",
+        "--out",
+        "e.safetensors",
+    ]
+    assert main(argv) == 2
+    assert "target must be" in capsys.readouterr().err
