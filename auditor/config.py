@@ -1,0 +1,389 @@
+"""`AuditConfig` and `FilterConfig`: frozen, validated on construction, built from argv by one parser.
+
+The CLI and the Ray Job entrypoints (jobs/) build configs through the same `*_parser()` functions, so a flag is
+the field name in kebab-case and its default lives on the dataclass only. Imports nothing heavier than argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from auditor import schema
+from auditor.errors import ConfigError
+
+FORMATS = ("parquet", "jsonl", "csv", "tsv", "txt")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+MAX_STEPS = 50  # the DDIM-50 schedule the score follows
+FILTER_MODES = ("drop", "mark")
+# storage options that would carry a secret: credentials come from the environment or the default chain only.
+SECRET_OPTION_KEYS = frozenset(
+    {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+)
+OUTPUT_COLUMNS = frozenset(schema.SCORES_SCHEMA.names) | {schema.SHARD, *schema.FLAGGED_SCHEMA_EXTRA}
+
+
+def _check_storage_options(options: dict[str, Any]) -> None:
+    secret = sorted(SECRET_OPTION_KEYS.intersection(k.lower() for k in options))
+    if secret:
+        raise ConfigError(
+            f"--storage-option {', '.join(secret)} would put a credential on the command line; credentials come "
+            "only from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or the instance role). "
+            "Remove the option and export the variables instead."
+        )
+
+
+def _check_common(inputs: tuple[str, ...], output: str, fmt: str | None, options: dict[str, Any]) -> None:
+    if not inputs or any(not str(i).strip() for i in inputs):
+        raise ConfigError(f"INPUT must name at least one file, folder, glob or URI, got {list(inputs)!r}.")
+    if not str(output).strip():
+        raise ConfigError("OUTPUT must be a folder path or URI, got an empty string.")
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(
+            f"--format {fmt!r} is not one of {', '.join(FORMATS)}; leave it out to pick by extension."
+        )
+    if not isinstance(options, dict):
+        raise ConfigError(f"storage_options must be a dict, got {type(options).__name__}.")
+    _check_storage_options(options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    """Everything one audit run depends on; `to_json()` is written next to the results.
+
+    threshold None and threshold_file None: no row is flagged (flagged = False everywhere) and the threshold
+    origin is recorded as "none"; scores are still written, so a threshold can be applied later.
+    gpus_per_actor is used only when the Ray cluster reports GPUs; cpus_per_actor also sets the actor's torch threads.
+    num_cpus sizes a local Ray this run starts (ignored when it joins a cluster through address or RAY_ADDRESS).
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    model: str
+    caption_column: str = "caption"
+    id_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    format: str | None = None
+    generations: int = 1
+    steps: int = 1
+    seed: int = 0
+    threshold: float | None = None
+    threshold_file: str | None = None
+    batch_size: int = 32
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0
+    dtype: str = "auto"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
+    explain_flagged: bool = False
+    quiet: bool = False
+    address: str | None = None
+    num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
+        object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
+        _check_common(self.inputs, self.output, self.format, self.storage_options)
+        if not str(self.model).strip():
+            raise ConfigError("--model is empty; pass a diffusers folder, hub id or s3:// URI.")
+        if not self.caption_column:
+            raise ConfigError(
+                "--caption-column is empty; pass the name of the column that holds the captions."
+            )
+        for name, value, low in (("generations", self.generations, 1), ("batch-size", self.batch_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"--{name} must be an int >= {low}, got {value!r}.")
+        if not isinstance(self.actors, int) or self.actors < 1:
+            raise ConfigError(f"--actors must be an int >= 1, got {self.actors!r}.")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"--steps must be an int in 1..{MAX_STEPS}, got {self.steps!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"--seed must be an int >= 0, got {self.seed!r}.")
+        if self.threshold is not None and self.threshold_file is not None:
+            raise ConfigError("pass --threshold or --threshold-file, not both.")
+        if self.threshold is not None and (
+            not isinstance(self.threshold, int | float) or not math.isfinite(self.threshold)
+        ):
+            raise ConfigError(f"--threshold must be a finite number, got {self.threshold!r}.")
+        if not self.cpus_per_actor > 0:
+            raise ConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor!r}.")
+        if not self.gpus_per_actor >= 0:
+            raise ConfigError(f"--gpus-per-actor must be >= 0 (0 = CPU actors), got {self.gpus_per_actor!r}.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if self.num_cpus is not None and self.num_cpus < 2:
+            raise ConfigError(
+                f"--num-cpus must be >= 2 (one CPU for the scoring actor, one for reading), got {self.num_cpus}."
+            )
+        clashes = sorted(set(self.keep_columns) & OUTPUT_COLUMNS)
+        if clashes:
+            raise ConfigError(
+                f"--keep-columns {', '.join(clashes)} clash with output columns of the same name; "
+                "rename them in the input or leave them out."
+            )
+        if len(set(self.keep_columns)) != len(self.keep_columns):
+            raise ConfigError(f"--keep-columns lists a column twice: {','.join(self.keep_columns)}.")
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved config as JSON-ready values (storage options hold endpoints, never secrets)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]) -> AuditConfig:
+        return cls.from_namespace(audit_parser().parse_args(list(argv)))
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> AuditConfig:
+        return cls(**_fields_from(cls, args))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterConfig:
+    """`auditor filter`: apply an audit's flags to a dataset. id_column None takes the audit's own."""
+
+    inputs: tuple[str, ...]
+    audit_output: str
+    output: str
+    mode: str = "drop"
+    format: str | None = None
+    id_column: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    quiet: bool = False
+    address: str | None = None
+    num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
+        _check_common(self.inputs, self.output, self.format, self.storage_options)
+        if not str(self.audit_output).strip():
+            raise ConfigError(
+                "AUDIT_OUTPUT must be the OUTPUT folder of `auditor audit`, got an empty string."
+            )
+        if self.mode not in FILTER_MODES:
+            raise ConfigError(f"--mode {self.mode!r} is not one of {', '.join(FILTER_MODES)}.")
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]) -> FilterConfig:
+        return cls.from_namespace(filter_parser().parse_args(list(argv)))
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> FilterConfig:
+        return cls(**_fields_from(cls, args))
+
+
+# Parsers ---------------------------------------------------------------------------------------------------------
+def _fields_from(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """Only the options the user gave (the parser uses SUPPRESS), so the dataclass defaults apply."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def parse_storage_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(
+            f"expected key=value, got {text!r} (e.g. endpoint_url=http://host:9000)"
+        )
+    lowered = value.lower()
+    parsed: Any = {"true": True, "false": False}.get(lowered, value)
+    return key, parsed
+
+
+class _StorageOptionAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = dict(getattr(namespace, self.dest, None) or {})
+        key, value = values
+        current[key] = value
+        setattr(namespace, self.dest, current)
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("storage and cluster")
+    group.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        metavar="KEY=VALUE",
+        type=parse_storage_option,
+        action=_StorageOptionAction,
+        default=argparse.SUPPRESS,
+        help="fsspec option for every URI, repeatable (e.g. endpoint_url=http://127.0.0.1:9000 for MinIO/moto). "
+        "Credentials are refused here: they come from AWS_* environment variables or the default chain",
+    )
+    group.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=argparse.SUPPRESS,
+        help="input format for every file (default: by extension: .parquet, .jsonl/.json/.ndjson, .csv, .tsv, .txt)",
+    )
+    group.add_argument(
+        "--address",
+        default=argparse.SUPPRESS,
+        help="Ray cluster to join (default: RAY_ADDRESS if set, else a new local Ray)",
+    )
+    group.add_argument(
+        "--num-cpus",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="CPUs of the local Ray this command starts (default: all); ignored on a cluster",
+    )
+    group.add_argument(
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no Ray Data progress bars or INFO logs",
+    )
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    d = lambda name: _default(AuditConfig, name)  # noqa: E731
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files, folders, globs or fsspec URIs (s3://bucket/prefix/); parquet, jsonl, csv, tsv or txt",
+    )
+    parser.add_argument(
+        "output", metavar="OUTPUT", help="output folder or URI: scores/, flagged/, _audit.json"
+    )
+    data = parser.add_argument_group("input columns")
+    data.add_argument(
+        "--caption-column",
+        default=argparse.SUPPRESS,
+        help=f"column holding captions (default {d('caption_column')})",
+    )
+    data.add_argument(
+        "--id-column",
+        default=argparse.SUPPRESS,
+        help="column holding a row id (default: none; ids are <source-file>:<row>)",
+    )
+    data.add_argument(
+        "--keep-columns",
+        type=_columns,
+        default=argparse.SUPPRESS,
+        metavar="A,B",
+        help="input columns copied to OUTPUT/scores (comma separated)",
+    )
+    model = parser.add_argument_group("model and score")
+    model.add_argument(
+        "--model",
+        required=True,
+        help="diffusers SD folder: local path, hub id or fsspec URI (s3://bucket/model)",
+    )
+    model.add_argument(
+        "--dtype", choices=DTYPES, default=argparse.SUPPRESS, help="auto = fp16 on CUDA, fp32 on CPU"
+    )
+    model.add_argument(
+        "--generations",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"initial noises averaged per caption (default {d('generations')})",
+    )
+    model.add_argument(
+        "--steps", type=int, default=argparse.SUPPRESS, help=f"DDIM steps averaged (default {d('steps')})"
+    )
+    model.add_argument(
+        "--seed", type=int, default=argparse.SUPPRESS, help=f"noise seed (default {d('seed')})"
+    )
+    flag = parser.add_argument_group("flagging")
+    flag.add_argument(
+        "--threshold",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="flag rows with score > X. Without --threshold or --threshold-file nothing is flagged "
+        "(flagged=false, threshold origin 'none'); scores are written either way",
+    )
+    flag.add_argument(
+        "--threshold-file",
+        default=argparse.SUPPRESS,
+        help='JSON with {"threshold": X, ...} as written by `auditor calibrate`; its content is recorded as the origin',
+    )
+    flag.add_argument(
+        "--explain-flagged",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="add per-token significance (tokens, token_significance) to OUTPUT/flagged/",
+    )
+    run = parser.add_argument_group("execution")
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"captions per actor call and UNet batch (default {d('batch_size')})",
+    )
+    run.add_argument(
+        "--actors", type=int, default=argparse.SUPPRESS, help=f"scoring actors (default {d('actors')})"
+    )
+    run.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"CPUs reserved per actor, also its torch threads (default {d('cpus_per_actor')}); "
+        "actors x this + 1 must fit the cluster's CPUs",
+    )
+    run.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"GPUs per actor when the cluster has GPUs (default {d('gpus_per_actor')}; 0 = CPU actors)",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="redo every input file, even those the ledger marks complete",
+    )
+    add_storage_arguments(parser)
+
+
+def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="+", metavar="DATASET", help="the audited dataset: files, folders, globs or URIs"
+    )
+    parser.add_argument(
+        "audit_output", metavar="AUDIT_OUTPUT", help="OUTPUT folder of `auditor audit` (has scores/)"
+    )
+    parser.add_argument(
+        "output", metavar="OUT", help="folder for the filtered dataset (parquet, one file per input)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=FILTER_MODES,
+        default=argparse.SUPPRESS,
+        help="drop: leave flagged rows out (default); mark: keep all rows, add memorization_flag/memorization_score",
+    )
+    parser.add_argument(
+        "--id-column",
+        default=argparse.SUPPRESS,
+        help="id column (default: the one the audit used, from _audit.json)",
+    )
+    add_storage_arguments(parser)
+
+
+def audit_parser(prog: str = "auditor audit") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog)
+    add_audit_arguments(parser)
+    return parser
+
+
+def filter_parser(prog: str = "auditor filter") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog)
+    add_filter_arguments(parser)
+    return parser

@@ -1,0 +1,281 @@
+"""Stream one input file as Arrow tables with a row index, for parquet, jsonl, csv/tsv and txt. pyarrow/fsspec only.
+
+A file is read front to back so every row gets its index in the file (`row`), which synthetic ids need.
+Row numbering: parquet and csv/tsv count data rows (no header); jsonl counts non-blank lines; txt counts every line,
+blank ones included (they become empty captions). Bad records never raise: they come back with a status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from fsspec.spec import AbstractFileSystem
+
+from auditor import schema
+from auditor.errors import InputDataError
+from auditor.io.inputs import TXT_COLUMN, InputFile
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_ROWS = 4096
+
+
+def _to_string_array(values: list[Any]) -> pa.Array:
+    return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+def _loose_array(values: list[Any]) -> pa.Array:
+    """Arrow array for a keep-column from JSON values; mixed types fall back to their JSON text."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
+
+
+# Raw record batches -----------------------------------------------------------------------------------------------
+def _csv_batches(fs: AbstractFileSystem, file: InputFile, columns: list[str] | None) -> Iterator[pa.Table]:
+    delimiter = "\t" if file.format == "tsv" else ","
+    parse = pacsv.ParseOptions(delimiter=delimiter)
+    with fs.open(file.path, "rb") as fh:
+        names = pacsv.open_csv(fh, parse_options=parse).schema.names
+    # CSV has no types: every column stays a string, so no block can disagree with the first one.
+    convert = pacsv.ConvertOptions(
+        column_types={n: pa.string() for n in names},
+        include_columns=[c for c in columns if c in names] if columns is not None else None,
+        strings_can_be_null=False,
+    )
+    with fs.open(file.path, "rb") as fh:
+        reader = pacsv.open_csv(fh, parse_options=parse, convert_options=convert)
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+
+
+def _jsonl_records(
+    fs: AbstractFileSystem, file: InputFile
+) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """(record, None) per non-blank line, or (None, error) for a line that is not a JSON object."""
+    with fs.open(file.path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                yield None, f"line {number}: not JSON ({exc})"
+                continue
+            if not isinstance(record, dict):
+                yield None, f"line {number}: a JSON {type(record).__name__}, expected an object"
+                continue
+            yield record, None
+
+
+def _txt_lines(fs: AbstractFileSystem, file: InputFile) -> Iterator[tuple[str | None, str | None]]:
+    with fs.open(file.path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                yield raw.decode("utf-8").rstrip("\r\n"), None
+            except UnicodeDecodeError as exc:
+                yield None, f"line {number}: not UTF-8 ({exc})"
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# Captions for the audit ------------------------------------------------------------------------------------------
+def read_caption_batches(
+    fs: AbstractFileSystem,
+    file: InputFile,
+    caption_column: str,
+    id_column: str | None = None,
+    keep_columns: tuple[str, ...] = (),
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> Iterator[pa.Table]:
+    """Tables of READ_SCHEMA + keep columns. status is OK, NOT_STRING or BAD_RECORD; null/empty captions stay OK
+    here (the tokenize stage names them). Raises InputDataError (or the reader's own error) if the file is unusable.
+    """
+    caption_column = TXT_COLUMN if file.format == "txt" else caption_column
+    wanted = [caption_column, *([id_column] if id_column else []), *keep_columns]
+    if file.format == "txt" and (id_column or keep_columns):
+        raise InputDataError(
+            f"{file.source} is a txt file (captions only); --id-column/--keep-columns do not apply."
+        )
+    start = 0
+    for table in _caption_tables(fs, file, wanted, batch_rows):
+        missing = [c for c in wanted if c not in table.column_names]
+        if missing and file.format in ("parquet", "csv", "tsv"):
+            raise InputDataError(
+                f"{file.source} has no column {', '.join(missing)}; columns are: {', '.join(table.column_names)}."
+            )
+        yield _normalise(table, file, caption_column, id_column, keep_columns, start)
+        start += table.num_rows
+
+
+def _caption_tables(
+    fs: AbstractFileSystem, file: InputFile, wanted: list[str], batch_rows: int
+) -> Iterator[pa.Table]:
+    """Raw tables with the wanted columns plus optional _status/_error columns from line-based formats."""
+    if file.format == "parquet":
+        with fs.open(file.path, "rb") as fh:
+            parquet = pq.ParquetFile(fh)
+            names = parquet.schema_arrow.names
+            missing = [c for c in wanted if c not in names]
+            if missing:
+                raise InputDataError(
+                    f"{file.source} has no column {', '.join(missing)}; columns are: {', '.join(names)}."
+                )
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+                yield pa.Table.from_batches([batch])
+    elif file.format in ("csv", "tsv"):
+        for table in _csv_batches(fs, file, wanted):
+            for offset in range(0, table.num_rows, batch_rows):
+                yield table.slice(offset, batch_rows)
+    elif file.format == "jsonl":
+        for chunk in _chunks(_jsonl_records(fs, file), batch_rows):
+            columns: dict[str, pa.Array] = {}
+            for name in wanted:
+                values = [None if r is None else r.get(name) for r, _ in chunk]
+                columns[name] = values  # type: ignore[assignment]
+            yield _jsonl_table(columns, [e for _, e in chunk], wanted[0])
+    elif file.format == "txt":
+        for chunk in _chunks(_txt_lines(fs, file), batch_rows):
+            errors = [e for _, e in chunk]
+            yield pa.table(
+                {
+                    TXT_COLUMN: pa.array([c for c, _ in chunk], type=pa.string()),
+                    "_status": pa.array([schema.BAD_RECORD if e else None for e in errors], type=pa.string()),
+                    "_error": pa.array(errors, type=pa.string()),
+                }
+            )
+    else:
+        raise InputDataError(f"{file.source}: unknown format {file.format!r}.")
+
+
+def _jsonl_table(
+    columns: dict[str, list[Any]], line_errors: list[str | None], caption_column: str
+) -> pa.Table:
+    captions = columns[caption_column]
+    status: list[str | None] = []
+    errors: list[str | None] = []
+    for caption, line_error in zip(captions, line_errors, strict=True):
+        if line_error is not None:
+            status.append(schema.BAD_RECORD)
+            errors.append(line_error)
+        elif caption is not None and not isinstance(caption, str):
+            status.append(schema.NOT_STRING)
+            errors.append(f"caption is {type(caption).__name__} ({caption!r:.60}), expected a string")
+        else:
+            status.append(None)
+            errors.append(None)
+    arrays = {
+        name: (
+            pa.array([c if isinstance(c, str) else None for c in values], type=pa.string())
+            if name == caption_column
+            else _loose_array(values)
+        )
+        for name, values in columns.items()
+    }
+    arrays["_status"] = pa.array(status, type=pa.string())
+    arrays["_error"] = pa.array(errors, type=pa.string())
+    return pa.table(arrays)
+
+
+def _normalise(
+    table: pa.Table,
+    file: InputFile,
+    caption_column: str,
+    id_column: str | None,
+    keep_columns: tuple[str, ...],
+    start: int,
+) -> pa.Table:
+    n = table.num_rows
+    rows = pa.array(range(start, start + n), type=pa.int64())
+    caption = table.column(caption_column)
+    status = table.column("_status") if "_status" in table.column_names else pa.nulls(n, pa.string())
+    error = table.column("_error") if "_error" in table.column_names else pa.nulls(n, pa.string())
+    if not (
+        pa.types.is_string(caption.type)
+        or pa.types.is_large_string(caption.type)
+        or pa.types.is_null(caption.type)
+    ):
+        bad = pc.invert(pc.is_null(caption))
+        status = pc.if_else(bad, pa.scalar(schema.NOT_STRING), status)
+        error = pc.if_else(
+            bad, pa.scalar(f"caption column {caption_column!r} is {caption.type}, expected string"), error
+        )
+        caption = pa.nulls(n, pa.string())
+    caption = caption.cast(pa.string())
+    synthetic = pa.array([f"{file.source}:{r}" for r in range(start, start + n)], type=pa.string())
+    if id_column:
+        ids = table.column(id_column)
+        ids = ids.cast(pa.string()) if not pa.types.is_string(ids.type) else ids
+        ids = pc.coalesce(ids, synthetic)
+    else:
+        ids = synthetic
+    columns = {
+        schema.ID: ids,
+        schema.CAPTION: caption,
+        schema.SOURCE: pa.array([file.source] * n, type=pa.string()),
+        schema.ROW: rows,
+        schema.STATUS: pc.coalesce(status, pa.scalar(schema.OK)),
+        schema.ERROR: error,
+    }
+    for name in keep_columns:
+        columns[name] = table.column(name) if name in table.column_names else pa.nulls(n)
+    return pa.table(columns)
+
+
+# Whole records for `auditor filter` -----------------------------------------------------------------------------
+def read_record_batches(
+    fs: AbstractFileSystem, file: InputFile, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Iterator[tuple[pa.Table, pa.Array]]:
+    """(table of all columns, row indices (int64)) per batch. jsonl lines that are not objects are skipped
+    (the audit recorded them as bad_record); their row indices are skipped with them.
+    """
+    start = 0
+    if file.format == "parquet":
+        with fs.open(file.path, "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows):
+                yield (
+                    pa.Table.from_batches([batch]),
+                    pa.array(range(start, start + batch.num_rows), pa.int64()),
+                )
+                start += batch.num_rows
+    elif file.format in ("csv", "tsv"):
+        for table in _csv_batches(fs, file, None):
+            yield table, pa.array(range(start, start + table.num_rows), pa.int64())
+            start += table.num_rows
+    elif file.format == "txt":
+        for chunk in _chunks(_txt_lines(fs, file), batch_rows):
+            yield (
+                pa.table({TXT_COLUMN: pa.array([c for c, _ in chunk], type=pa.string())}),
+                pa.array(range(start, start + len(chunk)), pa.int64()),
+            )
+            start += len(chunk)
+    elif file.format == "jsonl":
+        first_schema: pa.Schema | None = None
+        for chunk in _chunks(_jsonl_records(fs, file), batch_rows):
+            rows = [start + i for i, (record, _) in enumerate(chunk) if record is not None]
+            records = [record for record, _ in chunk if record is not None]
+            start += len(chunk)
+            if not records:
+                continue
+            table = pa.Table.from_pylist(records, schema=first_schema)
+            first_schema = first_schema or table.schema
+            yield table, pa.array(rows, pa.int64())
+    else:
+        raise InputDataError(f"{file.source}: unknown format {file.format!r}.")

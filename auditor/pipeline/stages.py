@@ -1,0 +1,162 @@
+"""The pipeline's steps as Ray Data UDFs: read one input file, tokenize on CPU, score in an actor.
+
+Each is plain Python over pyarrow tables, so a test can call it without Ray: `ScoreActor(cfg)(table)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from auditor import schema
+from auditor.config import AuditConfig
+from auditor.io.inputs import InputFile
+from auditor.io.readers import DEFAULT_BATCH_ROWS, read_caption_batches
+from auditor.io.storage import filesystem_for
+from auditor.pipeline.plan import load_explain, resolve_threshold
+from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table, tokenized_from_table
+
+logger = logging.getLogger(__name__)
+
+
+# 1. Read -----------------------------------------------------------------------------------------------------------
+def control_table(
+    file: InputFile, status: str, row: int, error: str | None, keep_columns: tuple[str, ...]
+) -> pa.Table:
+    """One control row (END_OF_FILE or READ_ERROR) with the read schema; keep columns are null."""
+    columns: dict[str, pa.Array] = {
+        schema.ID: pa.array([""], pa.string()),
+        schema.CAPTION: pa.nulls(1, pa.string()),
+        schema.SOURCE: pa.array([file.source], pa.string()),
+        schema.ROW: pa.array([row], pa.int64()),
+        schema.STATUS: pa.array([status], pa.string()),
+        schema.ERROR: pa.array([error], pa.string()),
+    }
+    for name in keep_columns:
+        columns[name] = pa.nulls(1)
+    return pa.table(columns)
+
+
+def read_file_rows(
+    cfg: AuditConfig, file: InputFile, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Iterator[pa.Table]:
+    """A file's rows, then one END_OF_FILE control row with the row count, or READ_ERROR if it broke on the way.
+
+    The broad except is the file boundary: a corrupt file is reported downstream, never raised out of the task.
+    """
+    rows = 0
+    try:
+        fs, _ = filesystem_for(file.source, cfg.storage_options)
+        for table in read_caption_batches(
+            fs, file, cfg.caption_column, cfg.id_column, cfg.keep_columns, batch_rows=batch_rows
+        ):
+            rows += table.num_rows
+            yield table
+    except Exception as exc:
+        logger.warning("input %s failed after %d rows: %s", file.source, rows, exc)
+        yield control_table(file, schema.READ_ERROR, rows, f"{type(exc).__name__}: {exc}", cfg.keep_columns)
+        return
+    yield control_table(file, schema.END_OF_FILE, rows, None, cfg.keep_columns)
+
+
+# 2. Read + tokenize: the CPU stage ------------------------------------------------------------------------------
+def read_and_tokenize(
+    batch: pa.Table, cfg: AuditConfig, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Iterator[pa.Table]:
+    """Ray Data UDF over a table of InputFile rows (one file per call in the pipeline): tokenized row tables."""
+    tokenizer = CaptionTokenizer.from_model(cfg.model, cfg.storage_options)
+    for item in batch.to_pylist():
+        for table in read_file_rows(cfg, InputFile(**item), batch_rows):
+            yield tokenize_table(table, tokenizer)
+
+
+# 3. Score (actor) ------------------------------------------------------------------------------------------------
+class ScoreActor:
+    """Loads the Scorer once; each call scores the ok rows of a batch and sets score / flagged.
+
+    Input: a tokenize_table output, or a read table without token columns (then it tokenizes itself).
+    Output: the batch without the internal token columns, plus score (float32, null unless status ok) and
+    flagged (bool); with explain_flagged also tokens / token_significance (null unless flagged).
+    """
+
+    def __init__(self, cfg: AuditConfig):
+        import torch
+
+        from auditor.scoring import Scorer
+
+        started = time.perf_counter()
+        self.cfg = cfg
+        self.scorer = Scorer.from_pretrained(
+            cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size, storage_options=cfg.storage_options
+        )
+        if self.scorer.device.type == "cpu":
+            # Ray sets OMP threads to the actor's CPUs; torch must agree or two actors fight over cores.
+            torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
+        self.threshold = resolve_threshold(cfg).value
+        self.explain = load_explain() if cfg.explain_flagged else None
+        self.tokenizer = CaptionTokenizer(self.scorer.tokenizer)
+        logger.info("ScoreActor ready on %s in %.1fs", self.scorer.device, time.perf_counter() - started)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if schema.INPUT_IDS not in batch.column_names:
+            batch = tokenize_table(batch, self.tokenizer)
+        tokens, ok = tokenized_from_table(batch)
+        status = batch.column(schema.STATUS).to_pylist()
+        errors = batch.column(schema.ERROR).to_pylist()
+        scores = np.full(batch.num_rows, np.nan, dtype=np.float32)
+        if ok.any():
+            try:
+                scores[ok] = self.scorer.score_tokenized(
+                    tokens, generations=self.cfg.generations, steps=self.cfg.steps, seed=self.cfg.seed
+                )
+            except Exception as exc:  # batch boundary: the rows get a status, the audit goes on
+                logger.exception("scoring a batch of %d rows failed", int(ok.sum()))
+                for index in np.flatnonzero(ok):
+                    status[index], errors[index] = schema.SCORE_ERROR, f"{type(exc).__name__}: {exc}"
+                ok = np.zeros_like(ok)
+        flagged = ok & (scores > self.threshold) if self.threshold is not None else np.zeros_like(ok)
+        out = batch.drop_columns([schema.INPUT_IDS, schema.ATTENTION_MASK, schema.STATUS, schema.ERROR])
+        out = out.append_column(schema.SCORE, pa.array(scores, mask=~ok))
+        out = out.append_column(schema.FLAGGED, pa.array(flagged))
+        out = out.append_column(schema.STATUS, pa.array(status, pa.string()))
+        out = out.append_column(schema.ERROR, pa.array(errors, pa.string()))
+        if self.explain is not None:
+            out = self._add_explanations(out, flagged)
+        return out
+
+    def _add_explanations(self, out: pa.Table, flagged: np.ndarray) -> pa.Table:
+        tokens: list[list[str] | None] = [None] * out.num_rows
+        significance: list[list[float] | None] = [None] * out.num_rows
+        errors = out.column(schema.ERROR).to_pylist()
+        captions = out.column(schema.CAPTION).to_pylist()
+        for index in np.flatnonzero(flagged):
+            try:
+                result: Any = self.explain(
+                    self.scorer,
+                    captions[index],
+                    generations=self.cfg.generations,
+                    steps=self.cfg.steps,
+                    seed=self.cfg.seed,
+                )
+                tokens[index] = list(result.tokens)
+                significance[index] = np.asarray(result.significance, dtype=np.float32).tolist()
+            except Exception as exc:  # row boundary: the score stands, the explanation is missing
+                errors[index] = f"explain failed: {type(exc).__name__}: {exc}"
+        out = out.set_column(
+            out.schema.get_field_index(schema.ERROR), schema.ERROR, pa.array(errors, pa.string())
+        )
+        out = out.append_column(schema.EXPLAIN_FIELDS[0], pa.array(tokens, schema.EXPLAIN_FIELDS[0].type))
+        return out.append_column(
+            schema.EXPLAIN_FIELDS[1], pa.array(significance, schema.EXPLAIN_FIELDS[1].type)
+        )
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    counts = pc.value_counts(table.column(schema.STATUS)).to_pylist() if table.num_rows else []
+    return {c["values"]: int(c["counts"]) for c in counts}

@@ -1,0 +1,129 @@
+"""CPU stage: validate captions and tokenize them exactly as `Scorer.tokenize` does, without loading the model.
+
+Imports transformers lazily (only the tokenizer folder is read); never imports ray or torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from auditor import schema
+
+logger = logging.getLogger(__name__)
+
+
+class CaptionTokenizer:
+    """Mirror of `Scorer.tokenize` (pad to max length, truncate, count tokens before truncation).
+
+    A unit test holds its ids equal to the Scorer's; returns `auditor.scoring.scorer.TokenizedCaptions`.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.max_length = int(tokenizer.model_max_length)
+        self.n_special_tokens = len(tokenizer("")["input_ids"])
+
+    @classmethod
+    def from_model(cls, model: str, storage_options: dict[str, Any] | None = None) -> CaptionTokenizer:
+        return _cached_tokenizer(model, tuple(sorted((storage_options or {}).items())))
+
+    def tokenize(self, captions: Sequence[str]):
+        from auditor.scoring.scorer import TokenizedCaptions
+
+        captions = list(captions)
+        padded = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
+        )
+        full_lengths = np.array(
+            [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]],
+            dtype=np.int32,
+        )
+        return TokenizedCaptions(
+            input_ids=padded["input_ids"].astype(np.int64),
+            attention_mask=padded["attention_mask"].astype(np.int64),
+            n_tokens=np.maximum(full_lengths - self.n_special_tokens, 0),
+            truncated=full_lengths > self.max_length,
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(model: str, storage_items: tuple[tuple[str, Any], ...]) -> CaptionTokenizer:
+    """One tokenizer per worker process: Ray reuses worker processes across tasks."""
+    import transformers
+
+    from auditor.scoring.loading import resolve_model_dir
+
+    transformers.utils.logging.disable_progress_bar()
+    root = resolve_model_dir(model, dict(storage_items))
+    return CaptionTokenizer(transformers.AutoTokenizer.from_pretrained(root / "tokenizer"))
+
+
+def _fixed_lists(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def tokenize_table(table: pa.Table, tokenizer: CaptionTokenizer) -> pa.Table:
+    """Name null and blank captions in `status`, tokenize the rest.
+
+    Adds n_tokens (int32), truncated (bool), both null for rows that will not be scored, and the internal
+    _input_ids / _attention_mask columns: fixed-size lists of L int64, zeros for rows that will not be scored.
+    """
+    status = table.column(schema.STATUS)
+    caption = table.column(schema.CAPTION)
+    is_ok = pc.equal(status, schema.OK)
+    blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(caption, "")), "")
+    status = pc.if_else(pc.and_(is_ok, pc.is_null(caption)), schema.NULL_CAPTION, status)
+    status = pc.if_else(pc.and_(pc.equal(status, schema.OK), blank), schema.EMPTY_CAPTION, status)
+    ok = np.asarray(pc.equal(status, schema.OK).to_numpy(zero_copy_only=False), dtype=bool)
+    n = table.num_rows
+    length = tokenizer.max_length
+    input_ids = np.zeros((n, length), dtype=np.int64)
+    attention_mask = np.zeros((n, length), dtype=np.int64)
+    n_tokens = np.zeros(n, dtype=np.int32)
+    truncated = np.zeros(n, dtype=bool)
+    if ok.any():
+        captions = caption.filter(pa.array(ok)).to_pylist()
+        tokens = tokenizer.tokenize(captions)
+        input_ids[ok], attention_mask[ok] = tokens.input_ids, tokens.attention_mask
+        n_tokens[ok], truncated[ok] = tokens.n_tokens, tokens.truncated
+    not_scored = pa.array(~ok)
+    table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, status)
+    return (
+        table.append_column(
+            pa.field(schema.N_TOKENS, pa.int32()), pc.if_else(not_scored, None, pa.array(n_tokens))
+        )
+        .append_column(
+            pa.field(schema.TRUNCATED, pa.bool_()), pc.if_else(not_scored, None, pa.array(truncated))
+        )
+        .append_column(schema.INPUT_IDS, _fixed_lists(input_ids))
+        .append_column(schema.ATTENTION_MASK, _fixed_lists(attention_mask))
+    )
+
+
+def tokenized_from_table(table: pa.Table):
+    """(TokenizedCaptions of the rows, row mask) from a tokenize_table output, for the rows with status ok."""
+    from auditor.scoring.scorer import TokenizedCaptions
+
+    ok = np.asarray(
+        pc.equal(table.column(schema.STATUS), schema.OK).to_numpy(zero_copy_only=False), dtype=bool
+    )
+
+    def matrix(name: str) -> np.ndarray:
+        column = table.column(name).combine_chunks()
+        width = column.type.list_size
+        return column.flatten().to_numpy().reshape(-1, width)[ok]
+
+    tokens = TokenizedCaptions(
+        input_ids=matrix(schema.INPUT_IDS),
+        attention_mask=matrix(schema.ATTENTION_MASK),
+        n_tokens=table.column(schema.N_TOKENS).to_numpy(zero_copy_only=False)[ok].astype(np.int32),
+        truncated=table.column(schema.TRUNCATED).to_numpy(zero_copy_only=False)[ok].astype(bool),
+    )
+    return tokens, ok

@@ -1,0 +1,90 @@
+"""Output column names, row statuses and the pyarrow schemas of OUTPUT/scores and OUTPUT/flagged.
+
+The single source of truth for the audit's output contract. Imports pyarrow only.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Columns of OUTPUT/scores (in this order, then the --keep-columns).
+ID = "id"
+CAPTION = "caption"
+SCORE = "score"
+FLAGGED = "flagged"
+SOURCE = "source"
+ROW = "row"
+N_TOKENS = "n_tokens"
+TRUNCATED = "truncated"
+STATUS = "status"
+ERROR = "error"
+# Added to OUTPUT/flagged with --explain-flagged.
+TOKENS = "tokens"
+TOKEN_SIGNIFICANCE = "token_significance"
+# Hive partition column: one value per input file (see auditor.io.inputs.shard_key), so every input file owns
+# exactly one folder scores/shard=<key>/ and a rerun of that file replaces it whole.
+SHARD = "shard"
+# Added by `auditor filter --mode mark`.
+MEMORIZATION_FLAG = "memorization_flag"
+MEMORIZATION_SCORE = "memorization_score"
+
+# Internal columns that travel between pipeline stages and are never written.
+INPUT_IDS = "_input_ids"
+ATTENTION_MASK = "_attention_mask"
+
+# Row statuses. Everything but OK has a null score and flagged = False.
+OK = "ok"
+NULL_CAPTION = "null_caption"
+NOT_STRING = "not_string"
+EMPTY_CAPTION = "empty_caption"
+BAD_RECORD = "bad_record"  # a jsonl line that is not a JSON object
+SCORE_ERROR = "score_error"  # the scorer raised on the batch holding this row
+ROW_STATUSES = (OK, NULL_CAPTION, NOT_STRING, EMPTY_CAPTION, BAD_RECORD, SCORE_ERROR)
+# Control rows the reader emits once per input file; the driver consumes them and never writes them.
+# END_OF_FILE: `row` holds the file's row count. READ_ERROR: the file failed; `error` says why.
+END_OF_FILE = "_end_of_file"
+READ_ERROR = "_read_error"
+
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(CAPTION, pa.string()),
+        pa.field(SCORE, pa.float32()),
+        pa.field(FLAGGED, pa.bool_(), nullable=False),
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(ROW, pa.int64(), nullable=False),
+        pa.field(N_TOKENS, pa.int32()),
+        pa.field(TRUNCATED, pa.bool_()),
+        pa.field(STATUS, pa.string(), nullable=False),
+        pa.field(ERROR, pa.string()),
+    ]
+)
+FLAGGED_COLUMNS = (ID, CAPTION, SCORE, SOURCE, ROW)
+# Columns that only OUTPUT/flagged carries (never a keep-column of OUTPUT/scores).
+FLAGGED_SCHEMA_EXTRA = (TOKENS, TOKEN_SIGNIFICANCE)
+EXPLAIN_FIELDS = (
+    pa.field(TOKENS, pa.list_(pa.string())),
+    pa.field(TOKEN_SIGNIFICANCE, pa.list_(pa.float32())),
+)
+
+# What the reader stage emits per row (before tokenize and score), then the keep-columns.
+READ_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string()),
+        pa.field(CAPTION, pa.string()),
+        pa.field(SOURCE, pa.string()),
+        pa.field(ROW, pa.int64()),
+        pa.field(STATUS, pa.string()),
+        pa.field(ERROR, pa.string()),
+    ]
+)
+
+
+def scores_schema(keep_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) -> pa.Schema:
+    """OUTPUT/scores file schema: the fixed columns, then the --keep-columns with their input types."""
+    return pa.schema([*SCORES_SCHEMA, *keep_fields])
+
+
+def flagged_schema(explain: bool = False) -> pa.Schema:
+    fields = [SCORES_SCHEMA.field(name) for name in FLAGGED_COLUMNS]
+    return pa.schema(fields + (list(EXPLAIN_FIELDS) if explain else []))
