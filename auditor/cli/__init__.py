@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from auditor.errors import AuditorError
 
 # Module names under auditor.cli, in the order `auditor --help` lists them.
-COMMAND_MODULES = ("score", "explain")
+COMMAND_MODULES = ("score", "explain", "toy", "evaluate", "calibrate", "audit", "filter")
 
 DESCRIPTION = """\
 Find memorization-prone captions in text-to-image training data.
