@@ -74,3 +74,16 @@ def s3_endpoint():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory) -> Path:
+    """The toy memorizing model, `test` preset, seed 0: trained once per session (about 1-2 min on 2 CPU cores).
+
+    A diffusers SD folder plus `toy_manifest.json`: `auditor.toy.manifest.load_manifest(toy_model_dir)` gives the
+    memorized captions (each with its trigger word and training latent), seen-once and held-out captions.
+    """
+    from auditor.toy.train import build_toy_model
+
+    path, _ = build_toy_model(tmp_path_factory.mktemp("toy") / "model", "test", seed=0)
+    return path
