@@ -36,7 +36,24 @@ def _loose_array(values: list[Any]) -> pa.Array:
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string())
+        return pa.array(
+            [v if v is None or isinstance(v, str) else json.dumps(v) for v in values], type=pa.string()
+        )
+
+
+def _records_table(records: list[dict[str, Any]], first: pa.Schema | None) -> pa.Table:
+    """Records -> table; after the first chunk, columns follow its schema (new keys dropped, odd values as text)."""
+    names = list(first.names) if first is not None else list(dict.fromkeys(k for r in records for k in r))
+    columns = {}
+    for name in names:
+        array = _loose_array([r.get(name) for r in records])
+        if first is not None and array.type != first.field(name).type:
+            try:
+                array = array.cast(first.field(name).type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                array = _loose_array([r.get(name) for r in records]).cast(pa.string())
+        columns[name] = array
+    return pa.table(columns)
 
 
 # Raw record batches -----------------------------------------------------------------------------------------------
@@ -274,8 +291,13 @@ def read_record_batches(
             start += len(chunk)
             if not records:
                 continue
-            table = pa.Table.from_pylist(records, schema=first_schema)
-            first_schema = first_schema or table.schema
+            table = _records_table(records, first_schema)
+            if first_schema is None:
+                # A column that is all null in the first chunk is read as text from then on.
+                first_schema = pa.schema(
+                    [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]
+                )
+                table = table.cast(first_schema)
             yield table, pa.array(rows, pa.int64())
     else:
         raise InputDataError(f"{file.source}: unknown format {file.format!r}.")

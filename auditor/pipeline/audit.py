@@ -33,6 +33,7 @@ from auditor.pipeline.stages import ScoreActor, read_and_tokenize
 logger = logging.getLogger(__name__)
 
 AUDIT_FILE = "_audit.json"
+CPU_STAGE_MEMORY_BYTES = 256 * 2**20
 # Environment every Ray worker of a local run gets (workers inherit the driver's; these keep logs quiet).
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -95,23 +96,19 @@ def check_cpus(cfg: AuditConfig, cpus: float) -> None:
 
 
 # 2. Dataset ----------------------------------------------------------------------------------------------------
-def cpu_stage_args() -> dict[str, Any]:
-    """Spread the read tasks over the cluster's nodes."""
-    return {"scheduling_strategy": "SPREAD"}
-
-
 def build_dataset(cfg: AuditConfig, files: list[InputFile], resources: dict[str, float]) -> ray.data.Dataset:
     items = [dataclasses.asdict(f) for f in files]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # One CPU stage (read + validate + tokenize), then the actor pool. ray_remote_args_fn keeps Ray from fusing the
-    # CPU stage into the actor, where it would run serially with the model instead of beside it on other CPUs.
+    # One CPU stage (read + validate + tokenize), then the actor pool. The CPU stage reserves memory for its read
+    # buffers; resources that differ from the actor's also keep Ray from fusing the CPU stage into the actor, where
+    # it would run serially with the model instead of beside it on another CPU.
     ds = ds.map_batches(
         read_and_tokenize,
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={"cfg": cfg},
         num_cpus=1,
-        ray_remote_args_fn=cpu_stage_args,
+        memory=CPU_STAGE_MEMORY_BYTES,
     )
     return ds.map_batches(
         ScoreActor,

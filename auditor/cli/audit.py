@@ -1,0 +1,60 @@
+"""`auditor audit`: argparse -> AuditConfig -> auditor.pipeline.audit.run; prints the summary."""
+
+from __future__ import annotations
+
+import argparse
+
+from auditor.config import AuditConfig, add_audit_arguments
+
+DESCRIPTION = """\
+Score every caption of a dataset on Ray (local by default) and write:
+  OUTPUT/scores/shard=<input file>/part-0.parquet  every input row once: id, caption, score, flagged, source, row,
+                                                    n_tokens, truncated, status, error (+ --keep-columns)
+  OUTPUT/flagged/shard=<input file>/part-0.parquet  flagged rows only (id, caption, score, source, row)
+  OUTPUT/_audit.json                                config, model fingerprint, threshold and origin, counts, timings
+  OUTPUT/_ledger/                                   one record per input file, for resume and incremental audits
+
+A rerun skips input files the ledger marks complete with the same model and options, redoes partial and failed
+ones, and picks up new files; --force redoes all. Without --threshold / --threshold-file nothing is flagged.
+Exit codes: 0 all inputs audited, 1 some input files failed (listed in _audit.json), 2 configuration error.
+"""
+
+EPILOG = """\
+examples:
+  auditor audit captions/ runs/audit1 --model ./toy-model --threshold 2.5
+  auditor audit 'data/*.jsonl' runs/a --model ./m --caption-column text --id-column key --keep-columns url
+  AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... auditor audit s3://bucket/captions/ s3://bucket/audits/run1 \\
+      --model s3://bucket/models/sd15 --storage-option endpoint_url=http://127.0.0.1:9000 --threshold-file t.json
+  RAY_ADDRESS=ray://head:10001 auditor audit s3://b/in/ s3://b/out --model s3://b/m --actors 8 --gpus-per-actor 1
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "audit",
+        help="score a dataset on Ray: parquet/jsonl/csv/tsv/txt in, partitioned parquet out (resumable)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_audit_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = AuditConfig.from_namespace(args)
+    from auditor.pipeline.audit import run as run_audit
+
+    result = run_audit(cfg)
+    counts = result.counts
+    print(
+        f"audited {result.files_done} files ({result.files_skipped} already complete), "
+        f"{counts.get('rows', 0)} rows: {counts.get('ok', 0)} scored, {counts.get('flagged', 0)} flagged"
+    )
+    other = {k: v for k, v in counts.items() if k not in ("rows", "ok", "flagged")}
+    if other:
+        print("rows not scored: " + ", ".join(f"{k}={v}" for k, v in sorted(other.items())))
+    for source, error in sorted(result.failed.items()):
+        print(f"FAILED {source}: {error}")
+    print(f"results: {result.output}")
+    return result.exit_code
