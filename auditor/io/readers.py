@@ -3,6 +3,8 @@
 A file is read front to back so every row gets its index in the file (`row`), which synthetic ids need.
 Row numbering: parquet and csv/tsv count data rows (no header); jsonl counts non-blank lines; txt counts every line,
 blank ones included (they become empty captions). Bad records never raise: they come back with a status.
+Types: csv/tsv columns and jsonl id/keep columns are read as text (JSON text for non-string values), so chunks
+and files always agree; parquet columns keep their types.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def _loose_array(values: list[Any]) -> pa.Array:
         return pa.array(
             [v if v is None or isinstance(v, str) else json.dumps(v) for v in values], type=pa.string()
         )
+
+
+def _text_array(values: list[Any]) -> pa.Array:
+    """JSON values as text (strings as they are, other values as JSON): one type for every chunk and file."""
+    return pa.array(
+        [v if v is None or isinstance(v, str) else json.dumps(v) for v in values], type=pa.string()
+    )
 
 
 def _records_table(records: list[dict[str, Any]], first: pa.Schema | None) -> pa.Table:
@@ -202,7 +211,7 @@ def _jsonl_table(
         name: (
             pa.array([c if isinstance(c, str) else None for c in values], type=pa.string())
             if name == caption_column
-            else _loose_array(values)
+            else _text_array(values)
         )
         for name, values in columns.items()
     }

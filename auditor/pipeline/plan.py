@@ -37,6 +37,8 @@ RESULT_FIELDS = (
     "explain_flagged",
 )
 PEEK_THREADS = 16
+# Column names that usually hold captions, suggested when --caption-column is not found.
+CAPTION_NAMES = ("caption", "captions", "text", "prompt", "alt", "alt_text", "description")
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,9 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
         if columnar and len(lacking) == len(columnar):
             first = columnar[0]
             option = "--caption-column" if name == cfg.caption_column else "--id-column/--keep-columns"
-            hint = next((c for c in peeked[first.source] if c.lower() == name.lower()), None)
+            hint = next(
+                (c for c in peeked[first.source] if c.lower() in (name.lower(), *CAPTION_NAMES)), None
+            )
             fix = f" Pass {option} {hint}." if hint and name == cfg.caption_column else ""
             raise ConfigError(
                 f"{option} {name!r} not found in {first.source}; columns are: "

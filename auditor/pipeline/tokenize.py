@@ -18,6 +18,8 @@ from auditor import schema
 
 logger = logging.getLogger(__name__)
 
+TOKEN_COLUMNS = (schema.N_TOKENS, schema.TRUNCATED, schema.INPUT_IDS, schema.ATTENTION_MASK)
+
 
 class CaptionTokenizer:
     """Mirror of `Scorer.tokenize` (pad to max length, truncate, count tokens before truncation).
@@ -75,6 +77,7 @@ def tokenize_table(table: pa.Table, tokenizer: CaptionTokenizer) -> pa.Table:
     Adds n_tokens (int32), truncated (bool), both null for rows that will not be scored, and the internal
     _input_ids / _attention_mask columns: fixed-size lists of L int64, zeros for rows that will not be scored.
     """
+    table = table.drop_columns([c for c in TOKEN_COLUMNS if c in table.column_names])
     status = table.column(schema.STATUS)
     caption = table.column(schema.CAPTION)
     is_ok = pc.equal(status, schema.OK)

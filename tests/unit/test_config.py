@@ -1,0 +1,99 @@
+"""AuditConfig / FilterConfig: one parser, defaults on the dataclass, validation on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from auditor.config import AuditConfig, FilterConfig, audit_parser
+from auditor.errors import ConfigError
+
+BASE = ["in/", "out/", "--model", "m"]
+
+
+def test_defaults_live_on_the_dataclass():
+    cfg = AuditConfig.from_argv(BASE)
+    assert cfg == AuditConfig(inputs=("in/",), output="out/", model="m")
+    assert (cfg.caption_column, cfg.actors, cfg.batch_size, cfg.threshold) == ("caption", 1, 32, None)
+
+
+def test_flags_are_field_names_in_kebab_case():
+    cfg = AuditConfig.from_argv(
+        ["a.parquet", "b.jsonl", "out", "--model", "m", "--caption-column", "text", "--id-column", "key",
+         "--keep-columns", "url,width", "--generations", "2", "--steps", "3", "--seed", "7", "--threshold", "1.5",
+         "--batch-size", "8", "--actors", "2", "--cpus-per-actor", "0.5", "--gpus-per-actor", "0", "--dtype", "fp32",
+         "--storage-option", "endpoint_url=http://h:9", "--storage-option", "anon=false", "--force",
+         "--explain-flagged", "--quiet", "--num-cpus", "4", "--format", "jsonl"]
+    )  # fmt: skip
+    assert cfg.inputs == ("a.parquet", "b.jsonl") and cfg.output == "out"
+    assert cfg.keep_columns == ("url", "width")
+    assert cfg.storage_options == {"endpoint_url": "http://h:9", "anon": False}
+    assert (cfg.generations, cfg.steps, cfg.seed, cfg.threshold, cfg.batch_size) == (2, 3, 7, 1.5, 8)
+    assert cfg.force and cfg.explain_flagged and cfg.quiet and cfg.format == "jsonl"
+    option_strings = {o for a in audit_parser()._actions for o in a.option_strings}
+    for f in dataclasses.fields(AuditConfig):
+        if f.name not in ("inputs", "output", "storage_options"):
+            assert "--" + f.name.replace("_", "-") in option_strings
+
+
+def test_to_json_round_trips():
+    cfg = AuditConfig.from_argv([*BASE, "--keep-columns", "a", "--storage-option", "endpoint_url=x"])
+    data = cfg.to_json()
+    assert (
+        AuditConfig(**{**data, "inputs": tuple(data["inputs"]), "keep_columns": tuple(data["keep_columns"])})
+        == cfg
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"threshold": 1.0, "threshold_file": "t.json"}, "not both"),
+        ({"threshold": float("nan")}, "finite"),
+        ({"steps": 0}, r"--steps must be an int in 1\.\.50, got 0"),
+        ({"generations": 0}, "--generations must be an int >= 1"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"actors": 0}, "--actors"),
+        ({"seed": -1}, "--seed"),
+        ({"cpus_per_actor": 0}, "--cpus-per-actor"),
+        ({"gpus_per_actor": -1}, "--gpus-per-actor"),
+        ({"dtype": "fp8"}, "--dtype 'fp8'"),
+        ({"format": "xml"}, "--format 'xml' is not one of"),
+        ({"keep_columns": ("score",)}, "clash with output columns"),
+        ({"keep_columns": ("a", "a")}, "twice"),
+        ({"num_cpus": 1}, "--num-cpus must be >= 2"),
+        ({"inputs": ()}, "INPUT must name"),
+        ({"caption_column": ""}, "--caption-column is empty"),
+        ({"storage_options": {"key": "AKIA"}}, "credential"),
+        ({"storage_options": {"aws_secret_access_key": "x"}}, "from the environment"),
+    ],
+)
+def test_invalid_configs_cannot_exist(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        AuditConfig(**{"inputs": ("in",), "output": "out", "model": "m", **changes})
+
+
+def test_replace_revalidates():
+    cfg = AuditConfig(inputs=("in",), output="out", model="m")
+    with pytest.raises(ConfigError, match="--actors"):
+        dataclasses.replace(cfg, actors=0)
+
+
+def test_storage_option_needs_key_value():
+    with pytest.raises(SystemExit):
+        AuditConfig.from_argv([*BASE, "--storage-option", "novalue"])
+
+
+def test_filter_config():
+    cfg = FilterConfig.from_argv(["data/", "runs/a", "runs/clean", "--mode", "mark"])
+    assert (cfg.inputs, cfg.audit_output, cfg.output, cfg.mode) == (
+        ("data/",),
+        "runs/a",
+        "runs/clean",
+        "mark",
+    )
+    with pytest.raises(ConfigError, match="--mode 'keep' is not one of drop, mark"):
+        FilterConfig(inputs=("d",), audit_output="a", output="o", mode="keep")
+    with pytest.raises(ConfigError, match="AUDIT_OUTPUT must be"):
+        FilterConfig(inputs=("d",), audit_output="", output="o")
