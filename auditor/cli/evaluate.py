@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     )
     similarity = None
     if manifest is not None and not args.no_similarity:
-        similarity = toy_similarity(scorer, manifest, args.seed)
+        similarity = toy_similarity(scorer, manifest, args.seed, args.similarity_samples)
 
     # 3. Print
     if args.json:
@@ -118,11 +118,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def toy_similarity(scorer, manifest, seed: int) -> dict[str, float]:
+def toy_similarity(scorer, manifest, seed: int, samples: int) -> dict[str, float]:
+    """Cosine of DDIM samples to training latents for the first `samples` memorized and seen-once captions."""
     from auditor.toy.sampling import memorization_similarity
 
-    mem = memorization_similarity(scorer, manifest.memorized, manifest.memorized_latents, seed)
-    once = memorization_similarity(scorer, manifest.seen_once, manifest.seen_once_latents, seed)
+    mem = memorization_similarity(
+        scorer, manifest.memorized[:samples], manifest.memorized_latents[:samples], seed
+    )
+    once = memorization_similarity(
+        scorer, manifest.seen_once[:samples], manifest.seen_once_latents[:samples], seed
+    )
     return {
         "memorized_mean": float(mem.mean()),
         "memorized_min": float(mem.min()),

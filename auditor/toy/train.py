@@ -7,6 +7,7 @@ already holds a complete build with the same settings is reused. Imports torch/d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,7 +15,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,14 +85,17 @@ PRESETS: dict[str, ToyTrainSpec] = {
     # ~10 min on 2 quiet CPU cores: the model behind `make demo`, benchmarks and BENCHMARKS.md.
     "full": ToyTrainSpec(
         model=_TOY_MODEL,
-        data=ToyDataSpec(num_memorized=64, num_seen_once_eval=300, num_held_out=300),
-        steps=2400,
+        data=ToyDataSpec(num_memorized=40, num_seen_once_eval=300, num_held_out=300),
+        steps=3200,
+        memorized_per_batch=12,
+        check_samples=40,
     ),
     # ~1 min on 2 quiet CPU cores: the session fixture of the tests.
     "test": ToyTrainSpec(
         model=_TOY_MODEL,
         data=ToyDataSpec(num_memorized=16, num_seen_once_eval=120, num_held_out=200),
-        steps=500,
+        steps=600,
+        memorized_per_batch=16,
     ),
 }
 
@@ -148,11 +152,30 @@ def train_toy_model(
     backward and no optimizer step (it still counts as a step). This is the hook of the training-time mitigation
     (e.g. `auditor.training.MagnitudeFilter(threshold)`); it does not change the data, so runs with and without a
     filter see the same batches.
+
+    Trains on one CPU thread (restored afterwards): these small ops gain little from more threads on a quiet
+    machine, lose 10x or more to oversubscription on a busy one, and one thread keeps the result bitwise
+    reproducible for a given torch build.
     """
+    with one_thread():
+        return _train(Path(out_dir), resolve_preset(preset), seed, sample_filter, log_every)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    out_dir: Path, spec: ToyTrainSpec, seed: int, sample_filter: SampleFilter | None, log_every: int
+) -> tuple[Path, TrainResult]:
     from diffusers import DDPMScheduler
 
-    spec = resolve_preset(preset)
-    out_dir = Path(out_dir)
     started = time.perf_counter()
     # 1. Data and tokenizer
     data = ToyData(spec.data, seed, spec.diverse_count)
@@ -381,14 +404,17 @@ def build_toy_model(
             "train_seconds": round(result.seconds, 1),
             "final_loss": result.final_loss,
             "losses": result.losses,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": 1,
             "skipped_steps": result.skipped_steps,
             "kept_fraction": result.kept_samples / max(1, result.total_samples),
         }
         if check:
             from auditor.toy.sampling import check_memorization
 
-            info["memorization_check"] = check_memorization(scratch, samples=spec.check_samples, seed=seed)
+            with one_thread():
+                info["memorization_check"] = check_memorization(
+                    scratch, samples=spec.check_samples, seed=seed
+                )
         (scratch / BUILD_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
