@@ -71,17 +71,31 @@ def init_ray(address: str | None, num_cpus: int | None, quiet: bool) -> None:
         ray.init(address=address, log_to_driver=not quiet)
 
 
-def actor_resources(cfg: AuditConfig) -> dict[str, float]:
-    """num_cpus / num_gpus per actor from the config and the cluster's totals (never the driver's hardware)."""
+def actor_resources(cfg: AuditConfig, local: bool) -> dict[str, float]:
+    """num_cpus / num_gpus per actor from the config and the cluster's totals (never the driver's hardware).
+
+    On a local Ray a request that cannot fit is an error (it would hang). On a cluster it is only logged: an
+    autoscaler (KubeRay workers still joining, or scaling from minReplicas) may add the missing nodes.
+    """
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     use_gpus = gpus > 0 and cfg.gpus_per_actor > 0
+    if not use_gpus and cfg.gpus_per_actor > 0:
+        logger.info("the Ray cluster reports no GPUs: scoring on CPU actors")
     if use_gpus and cfg.actors * cfg.gpus_per_actor > gpus:
-        raise ConfigError(
-            f"--actors {cfg.actors} x --gpus-per-actor {cfg.gpus_per_actor} needs {cfg.actors * cfg.gpus_per_actor} "
-            f"GPUs; the cluster has {gpus:g}. Lower --actors."
+        message = (
+            f"--actors {cfg.actors} x --gpus-per-actor {cfg.gpus_per_actor:g} needs "
+            f"{cfg.actors * cfg.gpus_per_actor:g} GPUs; the cluster has {gpus:g}. Lower --actors."
         )
-    check_cpus(cfg, cpus)
+        if local:
+            raise ConfigError(message)
+        logger.warning("%s Waiting for the cluster to scale up.", message)
+    try:
+        check_cpus(cfg, cpus)
+    except ConfigError as exc:
+        if local:
+            raise
+        logger.warning("%s Waiting for the cluster to scale up.", exc)
     return {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.gpus_per_actor if use_gpus else 0}
 
 
@@ -149,7 +163,7 @@ def run(cfg: AuditConfig) -> AuditResult:
         # 3. Ray and the streaming pipeline.
         step = time.perf_counter()
         init_ray(cfg.address, cfg.num_cpus, cfg.quiet)
-        resources = actor_resources(cfg)
+        resources = actor_resources(cfg, local=cfg.address is None and not os.environ.get("RAY_ADDRESS"))
         timings["ray_init"] = time.perf_counter() - step
         step = time.perf_counter()
         ds = build_dataset(cfg, plan.pending, resources)

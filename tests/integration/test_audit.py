@@ -241,3 +241,15 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_mo
     assert result.files_skipped == done_before and result.files_done == n_files - done_before
     assert_exactly_once(read_scores(tmp_path / "out"), {f"p{i:02d}.parquet": n_rows for i in range(n_files)})
     assert not list((tmp_path / "out").rglob("_tmp-*"))
+
+
+def test_actors_that_would_starve_readers_fail_before_ray(tmp_path, tiny_model_dir):
+    from auditor.errors import ConfigError
+    from auditor.pipeline.audit import run
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a cat\n")
+    cfg = AuditConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(tiny_model_dir),
+                      actors=2, num_cpus=2)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"needs 3 CPUs; Ray has 2 .*starve the readers.*Lower --actors"):
+        run(cfg)
