@@ -198,3 +198,27 @@ def test_cli_empty_caption_is_an_error_message(tiny_model_dir, capsys):
 
     assert main(["explain", "--model", str(tiny_model_dir), ""]) == 2
     assert "nothing to explain" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "toy model: the trigger token ranks first for only ~1/16 memorized captions (measured on the test preset, "
+        "seed 0); ~80% of the gradient mass sits on EOS/padding positions, which the causal text encoder fills "
+        "with the whole caption. Needs a toy whose UNet reads the trigger at its own position."
+    ),
+)
+def test_toy_trigger_token_ranks_first(toy_model_dir):
+    from auditor.toy.manifest import load_manifest
+
+    scorer = Scorer.from_pretrained(toy_model_dir, device="cpu", dtype="fp32")
+    manifest = load_manifest(toy_model_dir)
+    firsts = []
+    for caption, trigger in zip(manifest.memorized, manifest.trigger_tokens, strict=True):
+        result = explain(scorer, caption)
+        assert trigger in result.tokens
+        firsts.append(result.tokens[result.ranking()[0]] == trigger)
+    rate = float(np.mean(firsts))
+    print(f"trigger ranked first for {sum(firsts)}/{len(firsts)} memorized captions ({rate:.0%})")
+    assert rate >= 0.9
