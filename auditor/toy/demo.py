@@ -1,7 +1,7 @@
 """`make demo`: build (or reuse) the toy model, write a sample corpus, calibrate, audit it, show the top flags.
 
 python -m auditor.toy.demo --model-dir .cache/toy-model --out runs/demo
-The audit goes through `auditor.pipeline.run(AuditConfig)` (local Ray) when the pipeline is installed, exactly as
+The audit goes through `auditor.pipeline.audit.run(AuditConfig)` (local Ray) when the pipeline is installed, exactly as
 `auditor audit INPUT OUTPUT --model M --threshold-file F`; otherwise it scores locally with the Scorer and writes
 the same OUTPUT/scores + OUTPUT/flagged layout. This is a CLI entrypoint: it prints.
 """
@@ -71,29 +71,24 @@ def write_corpus(out_dir: Path, manifest, *, rows: int, seed: int) -> tuple[list
 
 def pipeline_available() -> bool:
     try:
-        from auditor import pipeline
+        from auditor.pipeline import audit
     except ImportError:
         return False
-    return callable(getattr(pipeline, "run", None))
+    return callable(getattr(audit, "run", None))
 
 
 def run_pipeline_audit(corpus: Path, output: Path, model_dir: Path, threshold_file: Path) -> None:
-    """The real path: `auditor audit CORPUS OUTPUT --model M --threshold-file F` on a local Ray."""
-    from auditor import pipeline
+    """The real path: `auditor audit CORPUS OUTPUT --model M --threshold-file F --id-column key` on a local Ray."""
     from auditor.config import AuditConfig
+    from auditor.pipeline.audit import run
 
     config = AuditConfig.from_argv(
-        [
-            str(corpus),
-            str(output),
-            "--model",
-            str(model_dir),
-            "--threshold-file",
-            str(threshold_file),
-            "--force",
-        ]
+        [str(corpus), str(output), "--model", str(model_dir), "--threshold-file", str(threshold_file)]
+        + ["--id-column", "key", "--force"]
     )
-    pipeline.run(config)
+    result = run(config)
+    if result.failed:
+        raise RuntimeError(f"the audit failed on {sorted(result.failed)}: {result.failed}")
 
 
 def run_local_audit(files: Sequence[Path], output: Path, model_dir: Path, threshold: float) -> None:
