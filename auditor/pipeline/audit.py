@@ -33,7 +33,7 @@ from auditor.pipeline.stages import ScoreActor, read_and_tokenize
 logger = logging.getLogger(__name__)
 
 AUDIT_FILE = "_audit.json"
-CPU_STAGE_MEMORY_BYTES = 256 * 2**20
+CPU_STAGE_MEMORY_BYTES = 512 * 2**20  # a worker with pyarrow + a tokenizer measured ~320 MiB
 # Environment every Ray worker of a local run gets (workers inherit the driver's; these keep logs quiet).
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from audit_corpus import captions, write_corpus
 
 from auditor import schema
 from auditor.config import AuditConfig, FilterConfig
 from auditor.io.ledger import DONE, FAILED
-from tests.integration.corpus import captions, write_corpus
 
 pytestmark = pytest.mark.integration
 

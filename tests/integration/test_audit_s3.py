@@ -17,12 +17,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+from audit_corpus import captions
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from auditor import schema
 from auditor.config import AuditConfig, FilterConfig
 from auditor.errors import ConfigError
-from tests.integration.corpus import captions
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

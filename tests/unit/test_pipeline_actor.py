@@ -188,3 +188,20 @@ def test_sink_commits_complete_files_and_fails_broken_ones(tmp_path, tiny_model_
         sink.consume(actor(tokenize_table(t, actor.tokenizer)))
     assert ledger.entries()[broken[0].source]["status"] == FAILED
     assert read_shard(fs, f"{cfg.output}/scores", broken[0].shard, [schema.ROW]) is None
+
+
+def test_force_redoes_complete_files(tmp_path, tiny_model_dir, parquet_input):
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    plan = plan_audit(cfg)
+    Ledger(fsspec.filesystem("file"), cfg.output).mark(
+        {
+            "source": str(parquet_input),
+            "shard": plan.pending[0].shard,
+            "status": DONE,
+            "fingerprint": plan.fingerprint,
+        }
+    )
+    assert plan_audit(cfg).pending == []
+    assert [f.relative for f in plan_audit(make_cfg(tmp_path, tiny_model_dir, force=True)).pending] == [
+        "a.parquet"
+    ]
