@@ -5,8 +5,10 @@ Each is plain Python over pyarrow tables, so a test can call it without Ray: `Sc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +23,12 @@ from auditor.io.readers import DEFAULT_BATCH_ROWS, read_caption_batches
 from auditor.io.storage import filesystem_for
 from auditor.pipeline.plan import load_explain, resolve_threshold
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table, tokenized_from_table
+from auditor.scoring.scorer import TokenizedCaptions
 
 logger = logging.getLogger(__name__)
+
+# Scores remembered per actor across batches (20-byte key + a float each: ~10 MB at this size).
+SCORE_CACHE_ROWS = 100_000
 
 
 # 1. Read -----------------------------------------------------------------------------------------------------------
@@ -101,6 +107,8 @@ class ScoreActor:
         self.threshold = resolve_threshold(cfg).value
         self.explain = load_explain() if cfg.explain_flagged else None
         self.tokenizer = CaptionTokenizer(self.scorer.tokenizer)
+        self._cache: OrderedDict[bytes, float] = OrderedDict()
+        self.cache_hits = 0
         logger.info("ScoreActor ready on %s in %.1fs", self.scorer.device, time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -112,9 +120,7 @@ class ScoreActor:
         scores = np.full(batch.num_rows, np.nan, dtype=np.float32)
         if ok.any():
             try:
-                scores[ok] = self.scorer.score_tokenized(
-                    tokens, generations=self.cfg.generations, steps=self.cfg.steps, seed=self.cfg.seed
-                )
+                scores[ok] = self._score(tokens)
             except Exception as exc:  # batch boundary: the rows get a status, the audit goes on
                 logger.exception("scoring a batch of %d rows failed", int(ok.sum()))
                 for index in np.flatnonzero(ok):
@@ -129,6 +135,29 @@ class ScoreActor:
         if self.explain is not None:
             out = self._add_explanations(out, flagged)
         return out
+
+    def _score(self, tokens: TokenizedCaptions) -> np.ndarray:
+        """(B,) float32. Identical token ids score identically (the score depends on nothing else), so rows seen
+        in an earlier batch of this actor come from a bounded cache and only the rest reach the Scorer.
+        """
+        keys = [hashlib.sha1(row.tobytes()).digest() for row in tokens.input_ids]
+        scores = np.array([self._cache.get(k, np.nan) for k in keys], dtype=np.float32)
+        missing = np.isnan(scores)
+        self.cache_hits += int((~missing).sum())
+        if missing.any():
+            subset = TokenizedCaptions(
+                tokens.input_ids[missing], tokens.attention_mask[missing], tokens.n_tokens[missing],
+                tokens.truncated[missing],
+            )  # fmt: skip
+            fresh = self.scorer.score_tokenized(
+                subset, generations=self.cfg.generations, steps=self.cfg.steps, seed=self.cfg.seed
+            )
+            scores[missing] = fresh
+            for key, value in zip((k for k, m in zip(keys, missing, strict=True) if m), fresh, strict=True):
+                self._cache[key] = float(value)
+                if len(self._cache) > SCORE_CACHE_ROWS:
+                    self._cache.popitem(last=False)
+        return scores
 
     def _add_explanations(self, out: pa.Table, flagged: np.ndarray) -> pa.Table:
         tokens: list[list[str] | None] = [None] * out.num_rows

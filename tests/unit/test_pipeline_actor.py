@@ -67,8 +67,14 @@ def test_score_actor_without_ray(tmp_path, tiny_model_dir, tiny_scorer, parquet_
     assert out.column(schema.N_TOKENS).to_pylist()[4:] == [None, None]
     assert out.column("url").to_pylist() == list("abcdef")
     # Without the CPU stage's token columns the actor tokenizes itself.
-    again = ScoreActor(cfg)(data.drop_columns([schema.INPUT_IDS, schema.ATTENTION_MASK]))
+    fresh = ScoreActor(cfg)
+    again = fresh(data.drop_columns([schema.INPUT_IDS, schema.ATTENTION_MASK]))
     np.testing.assert_allclose(again.column(schema.SCORE).to_pylist()[:4], reference, rtol=1e-5)
+    # Captions seen in an earlier batch of the same actor are not scored again, and score the same.
+    assert fresh.cache_hits == 0  # a repeat within one batch is deduplicated by the Scorer itself
+    third = fresh(data)
+    assert fresh.cache_hits == 4
+    assert third.column(schema.SCORE).to_pylist() == again.column(schema.SCORE).to_pylist()
 
 
 def test_score_actor_bad_batch_gets_status(tmp_path, tiny_model_dir, parquet_input, monkeypatch):
