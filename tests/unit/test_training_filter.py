@@ -157,3 +157,30 @@ def test_cond_pred_shape_is_checked(unet, batch):
 def test_training_module_does_not_import_ray():
     code = "import sys, auditor.training; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_filter_reduces_toy_memorization(toy_model_dir, tmp_path):
+    """One filtered training run on the same batches as the session's toy model (the unfiltered baseline)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "train_with_filter.py"
+    spec = importlib.util.spec_from_file_location("train_with_filter", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    build = json.loads((toy_model_dir / "toy_build.json").read_text())
+    result = example.compare(
+        tmp_path,
+        build["preset"],
+        1.2,  # see examples/train_with_filter.py: 2x the seen-once median (auto) was reached too late
+        seed=build["settings"]["seed"],
+        samples=16,
+        baseline_dir=toy_model_dir,
+    )
+    example.print_table(result)
+    plain, filtered = result["runs"]["no_filter"], result["runs"]["filter"]
+    assert filtered["kept_fraction"] > 0.8  # ordinary samples are kept
+    assert filtered["memorized_score"] < 0.85 * plain["memorized_score"]
+    assert filtered["memorized_cosine"] < plain["memorized_cosine"] - 0.1
