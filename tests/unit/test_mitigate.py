@@ -245,5 +245,5 @@ def test_toy_mitigation_reaches_the_target_and_stops_reproducing_the_training_la
         f"{np.mean(after):.3f}; cosine to the training latent {np.mean(cos_before):.3f} -> {np.mean(cos_after):.3f}"
     )
     assert np.mean(reached) >= 0.9
-    assert np.mean(cos_before) > 0.5, "the toy model should reproduce its memorized latents before mitigation"
+    assert np.mean(cos_before) > 0.25, "the toy model should reproduce its memorized latents before mitigation"
     assert np.mean(cos_after) < 0.5 * np.mean(cos_before)
