@@ -5,7 +5,7 @@ Importing this package never imports ray; the pipeline is imported only when an 
 
 from __future__ import annotations
 
-from auditor.scoring import Scorer
+from auditor.scoring import MitigationResult, Scorer, TokenSignificance, explain, mitigate
 
-__all__ = ["Scorer", "__version__"]
+__all__ = ["MitigationResult", "Scorer", "TokenSignificance", "__version__", "explain", "mitigate"]
 __version__ = "0.1.0"
