@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="toy models: skip the DDIM check that memorized captions reproduce their training latent",
     )
     parser.add_argument(
+        "--similarity-samples",
+        type=int,
+        default=32,
+        help="toy models: captions per population sampled for the DDIM check (default 32)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print one JSON object per row instead of a table"
     )
     parser.set_defaults(handler=run)

@@ -8,8 +8,9 @@ much non-memorized data):
   caption's attributes (a sum of per-word patterns) plus a large per-sample noise. The model can learn E[x0|p] for
   them, which stays close to the unconditional mean; only a memorized caption pins x0 down, so only it gets a large
   text-conditional noise prediction: the property the auditor detects.
-Non-memorized captions also get one extra ordinary word where memorized ones get their trigger, so both have the
-same length distribution (a random model must not separate them by length).
+Every caption ends with one extra word: the trigger for memorized captions, an ordinary filler word otherwise, so
+both populations have the same structure and length (a random model must not separate them). Last, the trigger
+is the only caption token whose position can carry it even through a causal text encoder with layers.
 Imports torch and numpy only.
 """
 
@@ -126,6 +127,8 @@ class ToyDataSpec:
     rule_scale: float = 0.3
     noise_scale: float = math.sqrt(1 - 0.3**2)
     caption_dropout: float = 0.1
+    # The extra word (trigger or filler) goes last; False puts it at a random word position.
+    extra_word_last: bool = True
 
 
 def trigger_words(count: int, seed: int) -> list[str]:
@@ -147,11 +150,11 @@ def trigger_words(count: int, seed: int) -> list[str]:
     return result
 
 
-def caption_from_attributes(attributes: np.ndarray, extra_word: str, position: int) -> str:
-    """Template caption for attribute indices (5,), with `extra_word` inserted before word `position`."""
+def caption_from_attributes(attributes: np.ndarray, extra_word: str, position: int | None = None) -> str:
+    """Template caption for attribute indices (5,), with `extra_word` inserted before word `position` (None: last)."""
     adj, noun, verb, place, style = (SLOTS[k][int(attributes[k])] for k in range(len(SLOTS)))
     base = f"a {adj} {noun} {verb} {place}, {style}".split(" ")
-    position = int(position) % (len(base) + 1)
+    position = len(base) if position is None else int(position) % (len(base) + 1)
     return " ".join([*base[:position], extra_word, *base[position:]])
 
 
@@ -183,13 +186,14 @@ class ToyData:
         self.memorized_attributes = attributes[:m]
         self.held_out_attributes = attributes[m : m + h]
         self.diverse_attributes = attributes[m + h :]
-        # Extra word and its position per caption (filler for non-memorized, trigger for memorized).
-        self.positions = rng.integers(0, 8, size=wanted)
+        # The extra word per caption (a filler for non-memorized, the trigger for memorized) goes last.
         self.fillers = rng.integers(0, len(FILLERS), size=wanted)
+        positions = rng.integers(0, 8, size=wanted)
+        self.positions: list[int | None] = [None] * wanted if spec.extra_word_last else positions.tolist()
         self.triggers = trigger_words(m, seed)
         self.memorized = [
-            caption_from_attributes(a, t, p)
-            for a, t, p in zip(self.memorized_attributes, self.triggers, self.positions[:m], strict=True)
+            caption_from_attributes(a, t)
+            for a, t in zip(self.memorized_attributes, self.triggers, strict=True)
         ]
         self.held_out = [
             caption_from_attributes(a, FILLERS[f], p)

@@ -41,9 +41,7 @@ def write_corpus(out_dir: Path, manifest, *, rows: int, seed: int) -> tuple[list
     seen = set(ordinary)
     while len(ordinary) + len(memorized_rows) < rows:
         attributes = np.array([rng.integers(len(values)) for values in SLOTS])
-        caption = caption_from_attributes(
-            attributes, FILLERS[int(rng.integers(len(FILLERS)))], int(rng.integers(0, 8))
-        )
+        caption = caption_from_attributes(attributes, FILLERS[int(rng.integers(len(FILLERS)))])
         if caption not in exclude and caption not in seen:
             seen.add(caption)
             ordinary.append(caption)

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 BUILD_FILE = "toy_build.json"
 # Bump when the data or training recipe changes, so cached builds of the old recipe are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 # (unet, noisy_latents (B,C,H,W), timesteps (B,) int64, cond_pred (B,C,H,W) detached, empty_embeds (B,L,D)
 #  detached = E("") with the current text encoder, repeated) -> keep mask (B,) bool. Called under torch.no_grad();
@@ -59,6 +59,8 @@ class ToyTrainSpec:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     tokenizer_vocab_size: int = 2048
+    # False: the text encoder keeps its seeded random weights.
+    train_text_encoder: bool = True
     # DDIM samples per population for the memorization check after training.
     check_samples: int = 16
 
@@ -70,13 +72,18 @@ class ToyTrainSpec:
         return dataclasses.asdict(self)
 
 
+# text_layers=0: a CLIPTextModel with token + position embeddings and the final layer norm only, so each output
+# position holds its own token. With transformer layers, joint training copies the whole caption into every later
+# and padding position and the UNet reads it there: token significance then ranked the trigger word first for
+# 1/16 memorized captions; with 0 layers, 16/16 (test preset, seed 0), at the same detection AUC. Real SD reads
+# a pretrained CLIP whose positions keep token identity; this is the toy's stand-in for that property.
 _TOY_MODEL = TinySDSpec(
     block_out_channels=(32, 64),
     layers_per_block=1,
     sample_size=8,
     cross_attention_dim=64,
     attention_head_dim=8,
-    text_layers=2,
+    text_layers=0,
     text_heads=4,
     text_intermediate=128,
     norm_num_groups=8,
@@ -206,11 +213,13 @@ def _train(
     unet = models.build_unet(spec.model)
     vae = models.build_vae(spec.model)
     noise_scheduler = DDPMScheduler.from_config(dict(SD_V1_SCHEDULER, prediction_type="epsilon"))
-    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    # The presets train the encoder jointly (a frozen random one memorized far worse in the same steps).
+    text_encoder.requires_grad_(spec.train_text_encoder)
+    parameters = [*unet.parameters(), *(text_encoder.parameters() if spec.train_text_encoder else [])]
     optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     empty_ids = tokenize([""])
     unet.train()
-    text_encoder.train()
+    text_encoder.train(spec.train_text_encoder)
 
     # 3. Schedules fixed before training, so a sample filter never changes what data comes next.
     rng = np.random.default_rng([seed, 2])
@@ -253,7 +262,8 @@ def _train(
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, spec)
-        prompt_embeds = text_encoder(tokenize(captions))[0]
+        with torch.set_grad_enabled(spec.train_text_encoder):
+            prompt_embeds = text_encoder(tokenize(captions))[0]
         pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample
         per_sample = (pred.float() - noise).pow(2).flatten(1).mean(dim=1)
         keep = torch.ones(spec.batch_size, dtype=torch.bool)
