@@ -182,8 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference = out / "reference_clean.txt"
     reference.write_text("\n".join(manifest.held_out) + "\n", encoding="utf-8")
     print(
-        f"[2/4] corpus: {out / 'corpus'} ({len(files)} files, {args.rows} rows, {n_memorized_rows} of them "
-        f"{len(manifest.memorized)} memorized captions)"
+        f"[2/4] corpus: {out / 'corpus'} ({len(files)} files, {args.rows} rows; {n_memorized_rows} rows are copies "
+        f"of the {len(manifest.memorized)} memorized captions)"
     )
 
     # 3. Calibrate the threshold at the target FPR on the clean reference.
