@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from auditor.report.calibration import calibrate_threshold, write_threshold_file
     from auditor.scoring import Scorer
     from auditor.toy.manifest import load_manifest
-    from auditor.toy.train import build_toy_model
+    from auditor.toy.train import build_settings, build_toy_model, read_build_info, resolve_preset
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -168,7 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"[1/4] toy model in {args.model_dir} (preset {args.preset}; training logs progress below if not cached)"
     )
-    model_dir, info = build_toy_model(args.model_dir, args.preset, seed=args.seed)
+    # The demo owns its model folder: a toy build of an older recipe (or other preset/seed) there is rebuilt.
+    cached = read_build_info(args.model_dir)
+    stale = cached is not None and cached.get("settings") != build_settings(
+        resolve_preset(args.preset), args.seed
+    )
+    model_dir, info = build_toy_model(args.model_dir, args.preset, seed=args.seed, force=stale)
     manifest = load_manifest(model_dir)
     check = info.get("memorization_check", {})
     if check:
@@ -202,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[4/4] auditing with the Ray pipeline (local Ray) -> {audit_out}")
         run_pipeline_audit(out / "corpus", audit_out, model_dir, threshold_file)
     else:
-        print(f"[4/4] auditing locally with the Scorer (Ray pipeline not installed) -> {audit_out}")
+        print(
+            f"[4/4] auditing locally with the Scorer (--local, or the Ray pipeline is not installed) -> {audit_out}"
+        )
         run_local_audit(files, audit_out, model_dir, record["threshold"])
 
     report_top_flagged(audit_out, manifest, args.top)
