@@ -105,6 +105,13 @@ def test_ray_job_submit_reads_and_writes_s3(s3_endpoint, tiny_model_dir, tiny_sc
     upload_corpus(fs, "job-bucket")
     ray_bin = str(Path(sys.executable).with_name("ray"))
     gcs_port, dashboard_port = free_port(), free_port()
+    # Every port of its own: the session's Ray (or another one on this machine) already holds the defaults, and a
+    # dashboard agent that cannot bind its port leaves the head unable to take jobs ("No available agent").
+    own_ports = [
+        f"--{name}={free_port()}"
+        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                     "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    ]  # fmt: skip
     # A private temp dir keeps this head out of /tmp/ray, so no other `ray.init()` on the machine joins it.
     temp_dir = tmp_path_factory.mktemp("rayjob", numbered=True)
     short_temp = Path("/tmp") / f"rj{os.getpid()}"
@@ -115,7 +122,7 @@ def test_ray_job_submit_reads_and_writes_s3(s3_endpoint, tiny_model_dir, tiny_sc
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--disable-usage-stats",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--temp-dir={short_temp}"],
+         f"--temp-dir={short_temp}", *own_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"
@@ -123,18 +130,23 @@ def test_ray_job_submit_reads_and_writes_s3(s3_endpoint, tiny_model_dir, tiny_sc
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             probe = subprocess.run(
-                [ray_bin, "job", "list", "--address", address], env=env, capture_output=True
+                [ray_bin, "job", "list", "--address", address], env=env, capture_output=True, timeout=60
             )
             if probe.returncode == 0:
                 break
             time.sleep(1)
-        submit = subprocess.run(
-            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             sys.executable, "jobs/audit.py", "s3://job-bucket/captions/", "s3://job-bucket/runs/job1",
-             "--model", str(tiny_model_dir), "--storage-option", f"endpoint_url={s3_endpoint}", "--dtype", "fp32",
-             "--threshold", "0", "--quiet"],
-            env=env, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
+        command = [
+            ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+            sys.executable, "jobs/audit.py", "s3://job-bucket/captions/", "s3://job-bucket/runs/job1",
+            "--model", str(tiny_model_dir), "--storage-option", f"endpoint_url={s3_endpoint}", "--dtype", "fp32",
+            "--threshold", "0", "--quiet",
+        ]  # fmt: skip
+        # The dashboard answers before the node's job agent is up ("No available agent"): retry only that.
+        for _ in range(30):
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     finally:
         os.killpg(head.pid, 15)  # SIGTERM: `ray start --block` stops the processes of this head only
