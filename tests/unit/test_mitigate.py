@@ -230,7 +230,8 @@ def test_toy_mitigation_reaches_the_target_and_stops_reproducing_the_training_la
     target = 0.5 * float(np.median(scorer.score(manifest.held_out[:64])))
     reached, before, after, cos_before, cos_after = [], [], [], [], []
     for i, caption in enumerate(manifest.memorized):
-        result = mitigate(scorer, caption, target=target, lr=0.05, max_iters=30, seed=i)
+        # Toy test preset: 30 updates reached this target for 14/16, 50 for 16/16 (cosine 0.844 -> 0.023).
+        result = mitigate(scorer, caption, target=target, lr=0.05, max_iters=50, seed=i)
         x_T = scorer.initial_latents(1, i)
         latent = manifest.memorized_latents[manifest.memorized_latent_index[i]][None]
         original = sample_latents(scorer, encode_caption(scorer, caption), x_T)
@@ -245,5 +246,7 @@ def test_toy_mitigation_reaches_the_target_and_stops_reproducing_the_training_la
         f"{np.mean(after):.3f}; cosine to the training latent {np.mean(cos_before):.3f} -> {np.mean(cos_after):.3f}"
     )
     assert np.mean(reached) >= 0.9
-    assert np.mean(cos_before) > 0.25, "the toy model should reproduce its memorized latents before mitigation"
+    assert np.mean(cos_before) > 0.25, (
+        "the toy model should reproduce its memorized latents before mitigation"
+    )
     assert np.mean(cos_after) < 0.5 * np.mean(cos_before)
