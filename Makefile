@@ -43,12 +43,12 @@ gpu-wheels: $(VENV)/.installed  ## wheels bench/gpu.sh installs on an offline GP
 	$(PY) -m pip download -q --no-deps -d .cache/wheels "diffusers==$$($(PY) -c 'import diffusers; print(diffusers.__version__)')" importlib_metadata zipp
 
 lint: $(VENV)/.installed  ## ruff format check + lint
-	$(PY) -m ruff format --check auditor jobs bench tests
-	$(PY) -m ruff check auditor jobs bench tests
+	$(PY) -m ruff format --check auditor jobs bench tests examples
+	$(PY) -m ruff check auditor jobs bench tests examples
 
 format: $(VENV)/.installed  ## apply ruff formatting and fixes
-	$(PY) -m ruff format auditor jobs bench tests
-	$(PY) -m ruff check --fix auditor jobs bench tests
+	$(PY) -m ruff format auditor jobs bench tests examples
+	$(PY) -m ruff check --fix auditor jobs bench tests examples
 
 clean:  ## remove caches and demo outputs (keeps .venv)
 	rm -rf .cache runs .pytest_cache .ruff_cache
