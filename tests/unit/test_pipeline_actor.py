@@ -211,3 +211,20 @@ def test_force_redoes_complete_files(tmp_path, tiny_model_dir, parquet_input):
     assert [f.relative for f in plan_audit(make_cfg(tmp_path, tiny_model_dir, force=True)).pending] == [
         "a.parquet"
     ]
+
+
+def test_plan_column_errors(tmp_path, tiny_model_dir, parquet_input):
+    with pytest.raises(
+        ConfigError, match=r"--id-column/--keep-columns 'nope' not found in .*columns are: caption, url"
+    ):
+        plan_audit(make_cfg(tmp_path, tiny_model_dir, keep_columns=("nope",)))
+    (tmp_path / "in" / "b.txt").write_text("a cat\n")
+    with pytest.raises(ConfigError, match=r"b\.txt is a txt file .*drop those options"):
+        plan_audit(make_cfg(tmp_path, tiny_model_dir, id_column="url"))
+
+
+def test_unknown_uri_scheme_is_a_config_error():
+    from auditor.io.storage import filesystem_for
+
+    with pytest.raises(ConfigError, match=r"cannot open 'nosuchproto://b/x'.*Check the URI scheme"):
+        filesystem_for("nosuchproto://b/x")
