@@ -79,6 +79,7 @@ class AuditConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 1.0
     dtype: str = "auto"
+    cuda_graphs: bool | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     force: bool = False
     explain_flagged: bool = False
@@ -289,6 +290,12 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--dtype", choices=DTYPES, default=argparse.SUPPRESS, help="auto = fp16 on CUDA, fp32 on CPU"
+    )
+    model.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="capture CUDA graphs for the text encoder and first-step UNet (default: on for GPU actors)",
     )
     model.add_argument(
         "--generations",

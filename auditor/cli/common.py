@@ -35,7 +35,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="DDIM steps averaged (1 = first step only, the fast detector; >1 follows a CFG-7.5 trajectory)",
     )
-    group.add_argument("--seed", type=int, default=0, help="noise seed; x_T depends only on (seed, generation)")
+    group.add_argument(
+        "--seed", type=int, default=0, help="noise seed; x_T depends only on (seed, generation)"
+    )
     group.add_argument("--batch-size", type=int, default=32, help="captions per UNet batch (default 32)")
 
 

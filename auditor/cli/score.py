@@ -24,10 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("captions", nargs="*", help="captions to score (quote each one)")
-    parser.add_argument("--file", help="text file with one caption per line (added after positional captions)")
+    parser.add_argument(
+        "--file", help="text file with one caption per line (added after positional captions)"
+    )
     add_model_arguments(parser)
     add_score_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object per caption instead of a table")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per caption instead of a table"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -37,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     captions = list(args.captions) + (read_caption_lines(args.file) if args.file else [])
     if not captions:
         raise InputDataError("no captions given; pass them as arguments or with --file captions.txt.")
-    scorer = Scorer.from_pretrained(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    scorer = Scorer.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+    )
     tokens = scorer.tokenize(captions)
     scores = scorer.score_tokenized(tokens, generations=args.generations, steps=args.steps, seed=args.seed)
     rows = [

@@ -109,6 +109,24 @@ def check_cpus(cfg: AuditConfig, cpus: float) -> None:
         )
 
 
+def actor_runtime(cfg: AuditConfig, resources: dict[str, float]) -> dict[str, Any]:
+    """What the scoring actors run with, resolved from the config and their resources (each actor logs its own)."""
+    on_gpu = resources.get("num_gpus", 0) > 0
+    if cfg.cuda_graphs and not on_gpu:
+        raise ConfigError(
+            "--cuda-graphs needs GPU actors, but the cluster reports no GPUs (or --gpus-per-actor is 0). "
+            "Drop the flag or run on a cluster with GPUs."
+        )
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if on_gpu else "fp32")
+    return {
+        "actor_device": "cuda" if on_gpu else "cpu",
+        "dtype": dtype,
+        "cuda_graphs": on_gpu and cfg.cuda_graphs is not False,
+        "channels_last": on_gpu,
+        **resources,
+    }
+
+
 # 2. Dataset ----------------------------------------------------------------------------------------------------
 def build_dataset(cfg: AuditConfig, files: list[InputFile], resources: dict[str, float]) -> ray.data.Dataset:
     items = [dataclasses.asdict(f) for f in files]
@@ -159,11 +177,13 @@ def run(cfg: AuditConfig) -> AuditResult:
         remove_tree(fs, join(output_path, FLAGGED_DIR, f"shard={file.shard}"))
     sink = AuditSink(fs, output_path, ledger, plan.pending, plan.fingerprint, cfg.explain_flagged)
     ray_stats = ""
+    runtime: dict[str, Any] = {}
     if plan.pending:
         # 3. Ray and the streaming pipeline.
         step = time.perf_counter()
         init_ray(cfg.address, cfg.num_cpus, cfg.quiet)
         resources = actor_resources(cfg, local=cfg.address is None and not os.environ.get("RAY_ADDRESS"))
+        runtime = actor_runtime(cfg, resources)
         timings["ray_init"] = time.perf_counter() - step
         step = time.perf_counter()
         ds = build_dataset(cfg, plan.pending, resources)
@@ -176,7 +196,7 @@ def run(cfg: AuditConfig) -> AuditResult:
         timings["driver_write"] = sink.write_s
         ray_stats = ds.stats()
     # 4. Summary next to the results.
-    result = summarize(cfg, plan, sink, ledger, timings, ray_stats, started_at)
+    result = summarize(cfg, plan, sink, ledger, timings, ray_stats, started_at, runtime)
     write_json(fs, join(output_path, AUDIT_FILE), result.summary)
     logger.info(
         "audit done: %d files audited, %d skipped, %d failed; %s",
@@ -213,6 +233,7 @@ def summarize(
     timings: dict[str, float],
     ray_stats: str,
     started_at: str,
+    runtime: dict[str, Any],
 ) -> AuditResult:
     run_counts: Counter = Counter()
     for record in sink.finished.values():
@@ -246,6 +267,7 @@ def summarize(
             "complete_in_output": sum(1 for r in records.values() if r["status"] == DONE),
         },
         "counts": {"this_run": dict(run_counts), "output_total": dict(total)},
+        "runtime": runtime,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "ray_stats": ray_stats,
         "versions": versions(),

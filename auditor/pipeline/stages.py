@@ -99,8 +99,14 @@ class ScoreActor:
         started = time.perf_counter()
         self.cfg = cfg
         self.scorer = Scorer.from_pretrained(
-            cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size, storage_options=cfg.storage_options
+            cfg.model,
+            dtype=cfg.dtype,
+            batch_size=cfg.batch_size,
+            storage_options=cfg.storage_options,
+            # None: graphs when the actor got a GPU (run() refuses --cuda-graphs when actors get none).
+            cuda_graphs=cfg.cuda_graphs if torch.cuda.is_available() else False,
         )
+        logger.info("ScoreActor runtime: %s", self.scorer.runtime)
         if self.scorer.device.type == "cpu":
             # Ray sets OMP threads to the actor's CPUs; torch must agree or two actors fight over cores.
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))

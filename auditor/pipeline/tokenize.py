@@ -1,6 +1,6 @@
 """CPU stage: validate captions and tokenize them exactly as `Scorer.tokenize` does, without loading the model.
 
-Imports transformers lazily (only the tokenizer folder is read); never imports ray or torch.
+Imports transformers lazily (only the tokenizer folder is read); never imports ray.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from auditor import schema
+from auditor.scoring.tokens import TokenizedCaptions, tokenize_captions
 
 logger = logging.getLogger(__name__)
 
@@ -22,37 +23,18 @@ TOKEN_COLUMNS = (schema.N_TOKENS, schema.TRUNCATED, schema.INPUT_IDS, schema.ATT
 
 
 class CaptionTokenizer:
-    """Mirror of `Scorer.tokenize` (pad to max length, truncate, count tokens before truncation).
-
-    A unit test holds its ids equal to the Scorer's; returns `auditor.scoring.scorer.TokenizedCaptions`.
-    """
+    """The tokenizer alone (no model weights), tokenizing with the same function as `Scorer.tokenize`."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.max_length = int(tokenizer.model_max_length)
-        self.n_special_tokens = len(tokenizer("")["input_ids"])
 
     @classmethod
     def from_model(cls, model: str, storage_options: dict[str, Any] | None = None) -> CaptionTokenizer:
         return _cached_tokenizer(model, tuple(sorted((storage_options or {}).items())))
 
-    def tokenize(self, captions: Sequence[str]):
-        from auditor.scoring.scorer import TokenizedCaptions
-
-        captions = list(captions)
-        padded = self.tokenizer(
-            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
-        )
-        full_lengths = np.array(
-            [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]],
-            dtype=np.int32,
-        )
-        return TokenizedCaptions(
-            input_ids=padded["input_ids"].astype(np.int64),
-            attention_mask=padded["attention_mask"].astype(np.int64),
-            n_tokens=np.maximum(full_lengths - self.n_special_tokens, 0),
-            truncated=full_lengths > self.max_length,
-        )
+    def tokenize(self, captions: Sequence[str]) -> TokenizedCaptions:
+        return tokenize_captions(self.tokenizer, captions)
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,8 +94,6 @@ def tokenize_table(table: pa.Table, tokenizer: CaptionTokenizer) -> pa.Table:
 
 def tokenized_from_table(table: pa.Table):
     """(TokenizedCaptions of the rows, row mask) from a tokenize_table output, for the rows with status ok."""
-    from auditor.scoring.scorer import TokenizedCaptions
-
     ok = np.asarray(
         pc.equal(table.column(schema.STATUS), schema.OK).to_numpy(zero_copy_only=False), dtype=bool
     )

@@ -12,39 +12,22 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from auditor.errors import ConfigError, InputDataError
+from auditor.errors import ConfigError
 from auditor.scoring import magnitude
 from auditor.scoring.loading import ModelComponents, fingerprint_model, load_components, resolve_model_dir
+from auditor.scoring.tokens import TokenizedCaptions, tokenize_captions
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # (x (B, C, H, W), t 0-d int tensor, prompt_embeds (B, L, D)) -> native UNet output (B, C, H, W)
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TokenizedCaptions:
-    """Captions tokenized exactly as StableDiffusionPipeline.encode_prompt does (pad to max length, truncate).
-
-    input_ids, attention_mask: (B, L) int64. n_tokens: (B,) int32, the caption's tokens before truncation,
-    special tokens excluded. truncated: (B,) bool, True when tokens were cut to fit L.
-    """
-
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    n_tokens: np.ndarray
-    truncated: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -62,19 +45,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}.")
     return DTYPES[dtype]
-
-
-def validate_captions(captions: Sequence[Any]) -> list[str]:
-    if isinstance(captions, str):
-        raise InputDataError("captions must be a list of strings, got one string; wrap it: [caption].")
-    result = list(captions)
-    for index, caption in enumerate(result):
-        if not isinstance(caption, str):
-            raise InputDataError(
-                f"caption at index {index} is {type(caption).__name__} ({caption!r:.60}), expected str. "
-                "Drop or fix that row (the audit pipeline records such rows with a status instead)."
-            )
-    return result
 
 
 class Scorer:
@@ -111,7 +81,6 @@ class Scorer:
             "channels_last": False,
             "torch": torch.__version__,
         }
-        self._n_special_tokens = len(self.tokenizer("")["input_ids"])
         self._latents_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._uncond_cache: dict[bytes, torch.Tensor] = {}
         self._empty_embedding: torch.Tensor | None = None
@@ -171,7 +140,9 @@ class Scorer:
         example_sample = torch.randn(batch, *self.latent_shape, device=self.device, dtype=self.dtype)
         # A model whose forward syncs with the host cannot be captured; it then runs eagerly, and says so.
         try:
-            self.denoiser = GraphedFirstStepUNet(self.unet, self.first_timestep, example_sample, example_embeds)
+            self.denoiser = GraphedFirstStepUNet(
+                self.unet, self.first_timestep, example_sample, example_embeds
+            )
             self.runtime["cuda_graphs"] = True
         except RuntimeError as exc:
             logger.warning("UNet CUDA-graph capture failed, running eagerly: %s", exc)
@@ -197,24 +168,7 @@ class Scorer:
 
     # 2. Text ----------------------------------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> TokenizedCaptions:
-        captions = validate_captions(captions)
-        if not captions:
-            empty = np.zeros((0, self.max_length), dtype=np.int64)
-            return TokenizedCaptions(empty, empty.copy(), np.zeros(0, np.int32), np.zeros(0, bool))
-        padded = self.tokenizer(
-            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
-        )
-        # A second pass without truncation only to count tokens; cheap next to one UNet row.
-        full_lengths = np.array(
-            [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]],
-            dtype=np.int32,
-        )
-        return TokenizedCaptions(
-            input_ids=padded["input_ids"].astype(np.int64),
-            attention_mask=padded["attention_mask"].astype(np.int64),
-            n_tokens=np.maximum(full_lengths - self._n_special_tokens, 0),
-            truncated=full_lengths > self.max_length,
-        )
+        return tokenize_captions(self.tokenizer, captions)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) text-encoder output in the model dtype, as encode_prompt builds it."""

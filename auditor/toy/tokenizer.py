@@ -63,7 +63,9 @@ def build_clip_tokenizer(
     with tempfile.TemporaryDirectory() as scratch:
         vocab_file, merges_file = Path(scratch, "vocab.json"), Path(scratch, "merges.txt")
         vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+        merges_file.write_text(
+            "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+        )
         tokenizer = CLIPTokenizer(
             str(vocab_file),
             str(merges_file),

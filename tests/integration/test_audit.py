@@ -94,6 +94,7 @@ def test_audit_every_format_exactly_once_then_incremental(ray_local, tmp_path, t
     # 5. _audit.json and the ledger.
     audit = json.loads((tmp_path / "out" / "_audit.json").read_text())
     assert audit["model_fingerprint"] == tiny_scorer.fingerprint
+    assert audit["runtime"]["actor_device"] == "cpu" and audit["runtime"]["cuda_graphs"] is False
     assert audit["threshold"] == threshold and audit["threshold_origin"] == {
         "kind": "flag",
         "value": threshold,

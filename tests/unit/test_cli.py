@@ -33,7 +33,9 @@ def test_command_modules_all_register():
 def test_score_prints_the_api_scores(tiny_model_dir, tiny_scorer, tmp_path, capsys):
     captions_file = tmp_path / "captions.txt"
     captions_file.write_text("a blue horse on a beach\n\nan old clock\n", encoding="utf-8")
-    code = main(["score", "--model", str(tiny_model_dir), "a red cat", "--file", str(captions_file), "--json"])
+    code = main(
+        ["score", "--model", str(tiny_model_dir), "a red cat", "--file", str(captions_file), "--json"]
+    )
     assert code == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["caption"] for r in rows] == ["a red cat", "a blue horse on a beach", "an old clock"]

@@ -97,3 +97,18 @@ def test_filter_config():
         FilterConfig(inputs=("d",), audit_output="a", output="o", mode="keep")
     with pytest.raises(ConfigError, match="AUDIT_OUTPUT must be"):
         FilterConfig(inputs=("d",), audit_output="", output="o")
+
+
+def test_cuda_graphs_flag_and_resolved_actor_runtime():
+    from auditor.pipeline.audit import actor_runtime
+
+    assert AuditConfig.from_argv(BASE).cuda_graphs is None
+    assert AuditConfig.from_argv([*BASE, "--no-cuda-graphs"]).cuda_graphs is False
+    on = AuditConfig.from_argv([*BASE, "--cuda-graphs"])
+    assert on.cuda_graphs is True
+    gpu = actor_runtime(AuditConfig.from_argv(BASE), {"num_cpus": 1, "num_gpus": 1})
+    assert (gpu["actor_device"], gpu["dtype"], gpu["cuda_graphs"]) == ("cuda", "fp16", True)
+    cpu = actor_runtime(AuditConfig.from_argv(BASE), {"num_cpus": 1, "num_gpus": 0})
+    assert (cpu["actor_device"], cpu["dtype"], cpu["cuda_graphs"]) == ("cpu", "fp32", False)
+    with pytest.raises(ConfigError, match="--cuda-graphs needs GPU actors"):
+        actor_runtime(on, {"num_cpus": 1, "num_gpus": 0})
