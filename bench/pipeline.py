@@ -8,7 +8,7 @@ Run on an otherwise idle machine (timings on shared cores are meaningless); past
       efficiency = (a) time / (b) time, target >= 0.85.
       On 2 cores the actor gets 2 torch threads: local Ray with --num-cpus 3 (logical) and --cpus-per-actor 2,
       which leaves one logical CPU for the read/tokenize task (actors holding every CPU hang the run).
-  python bench/pipeline.py memory [--preset tiny] [--sizes 50000 200000]
+  python bench/pipeline.py memory [--preset micro] [--sizes 50000 200000]
       Peak RSS of the driver plus every process it started (Ray's daemons and workers), sampled every 0.2 s,
       for each corpus size in a fresh process; target: flat (ratio largest/smallest <= 1.2).
 Add --quick for a seconds-long smoke run of either mode (small sizes; not a measurement).
@@ -170,7 +170,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("mode", choices=["throughput", "memory", "_run-one"])
-    parser.add_argument("--preset", default=None, help="toy model preset (throughput: small, memory: tiny)")
+    parser.add_argument("--preset", default=None, help="toy model preset (throughput: small, memory: micro)")
     parser.add_argument("--captions", type=int, default=20_000, help="throughput: corpus size")
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[50_000, 200_000], help="memory: corpus sizes"
@@ -186,7 +186,7 @@ def main() -> int:
         return 0
     if args.quick:
         args.captions, args.sizes = 600, [300, 1200]
-    args.preset = args.preset or ("small" if args.mode == "throughput" else "tiny")
+    args.preset = args.preset or ("small" if args.mode == "throughput" else "micro")
     print(
         f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, preset {args.preset}"
     )

@@ -74,7 +74,18 @@ SD15 = TinySDSpec(
     text_intermediate=3072,
     norm_num_groups=32,
 )
-PRESETS = {"tiny": TINY, "small": SMALL, "sd15": SD15}
+# The smallest model that still runs every code path: for memory-vs-corpus-size runs, where speed is not measured.
+MICRO = TinySDSpec(
+    block_out_channels=(8, 16),
+    sample_size=8,
+    cross_attention_dim=16,
+    attention_head_dim=4,
+    text_layers=1,
+    text_heads=2,
+    text_intermediate=32,
+    norm_num_groups=4,
+)
+PRESETS = {"micro": MICRO, "tiny": TINY, "small": SMALL, "sd15": SD15}
 
 
 def build_unet(spec: TinySDSpec):
