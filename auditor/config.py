@@ -12,7 +12,10 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 from auditor import schema
 from auditor.errors import ConfigError
@@ -52,8 +55,28 @@ def _check_common(inputs: tuple[str, ...], output: str, fmt: str | None, options
     _check_storage_options(options)
 
 
+class ParsedConfig:
+    """What every frozen config shares: one parser builds it, and it serialises to JSON next to its results."""
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved config as JSON-ready values (storage options hold endpoints, never secrets)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]) -> Self:
+        return cls.from_namespace(cls.parser().parse_args(list(argv)))
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> Self:
+        return cls(**_fields_from(cls, args))
+
+
 @dataclass(frozen=True, kw_only=True)
-class AuditConfig:
+class AuditConfig(ParsedConfig):
     """Everything one audit run depends on; `to_json()` is written next to the results.
 
     threshold None and threshold_file None: no row is flagged (flagged = False everywhere) and the threshold
@@ -131,21 +154,13 @@ class AuditConfig:
         if len(set(self.keep_columns)) != len(self.keep_columns):
             raise ConfigError(f"--keep-columns lists a column twice: {','.join(self.keep_columns)}.")
 
-    def to_json(self) -> dict[str, Any]:
-        """The resolved config as JSON-ready values (storage options hold endpoints, never secrets)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
     @classmethod
-    def from_argv(cls, argv: Sequence[str]) -> AuditConfig:
-        return cls.from_namespace(audit_parser().parse_args(list(argv)))
-
-    @classmethod
-    def from_namespace(cls, args: argparse.Namespace) -> AuditConfig:
-        return cls(**_fields_from(cls, args))
+    def parser(cls) -> argparse.ArgumentParser:
+        return audit_parser()
 
 
 @dataclass(frozen=True, kw_only=True)
-class FilterConfig:
+class FilterConfig(ParsedConfig):
     """`auditor filter`: apply an audit's flags to a dataset. id_column None takes the audit's own."""
 
     inputs: tuple[str, ...]
@@ -169,16 +184,9 @@ class FilterConfig:
         if self.mode not in FILTER_MODES:
             raise ConfigError(f"--mode {self.mode!r} is not one of {', '.join(FILTER_MODES)}.")
 
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
     @classmethod
-    def from_argv(cls, argv: Sequence[str]) -> FilterConfig:
-        return cls.from_namespace(filter_parser().parse_args(list(argv)))
-
-    @classmethod
-    def from_namespace(cls, args: argparse.Namespace) -> FilterConfig:
-        return cls(**_fields_from(cls, args))
+    def parser(cls) -> argparse.ArgumentParser:
+        return filter_parser()
 
 
 # Parsers ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from auditor.errors import ConfigError
-from auditor.scoring.magnitude import per_sample_l2
+from auditor.scoring.magnitude import per_sample_l2, to_epsilon
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +41,13 @@ class MagnitudeFilter:
                 f"threshold must be a finite magnitude > 0, got {threshold!r} (the paper uses 2)."
             )
         self.threshold = float(threshold)
-        self.prediction_type = "epsilon"
-        self.alphas_cumprod: torch.Tensor | None = None
-        if noise_scheduler is not None:
-            self.prediction_type = noise_scheduler.config.prediction_type
-            self.alphas_cumprod = noise_scheduler.alphas_cumprod.detach().float().cpu()
-            if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-                raise ConfigError(
-                    f"noise_scheduler has prediction_type {self.prediction_type!r}; "
-                    "expected epsilon, v_prediction or sample."
-                )
+        self.noise_scheduler = noise_scheduler
+        prediction_type = noise_scheduler.config.prediction_type if noise_scheduler is not None else "epsilon"
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ConfigError(
+                f"noise_scheduler has prediction_type {prediction_type!r}; "
+                "expected epsilon, v_prediction or sample."
+            )
         self.n_seen = 0
         self.n_dropped = 0
 
@@ -75,20 +72,11 @@ class MagnitudeFilter:
         # only by the text.
         with torch.no_grad():
             uncond_pred = unet(noisy_latents, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
-        difference = cond_pred.detach().float() - uncond_pred.float()
-        return per_sample_l2(difference * self._epsilon_scale(timesteps, batch, difference.device))
-
-    def _epsilon_scale(
-        self, timesteps: torch.Tensor, batch: int, device: torch.device
-    ) -> torch.Tensor | float:
-        """Per-sample factor s with eps_c - eps_u = s * (pred_c - pred_u) at the same x_t (linear in the output)."""
-        if self.prediction_type == "epsilon" or self.alphas_cumprod is None:
-            return 1.0
-        t = torch.as_tensor(timesteps, device="cpu").long().reshape(-1).expand(batch)
-        alpha_prod = self.alphas_cumprod[t].to(device).reshape(batch, 1, 1, 1)
-        if self.prediction_type == "v_prediction":
-            return alpha_prod.sqrt()
-        return -alpha_prod.sqrt() / (1 - alpha_prod).sqrt()
+        if self.noise_scheduler is None:
+            return per_sample_l2(cond_pred.detach().float() - uncond_pred.float())
+        eps_cond = to_epsilon(cond_pred.detach(), noisy_latents, timesteps, self.noise_scheduler)
+        eps_uncond = to_epsilon(uncond_pred, noisy_latents, timesteps, self.noise_scheduler)
+        return per_sample_l2(eps_cond.float() - eps_uncond.float())
 
     def __call__(
         self,

@@ -42,13 +42,19 @@ def initial_latents(
 
 
 def to_epsilon(
-    model_output: torch.Tensor, sample: torch.Tensor, timestep: int, scheduler: DDIMScheduler
+    model_output: torch.Tensor, sample: torch.Tensor, timestep: int | torch.Tensor, scheduler: Any
 ) -> torch.Tensor:
-    """Convert a UNet output to epsilon space so scores compare across epsilon- and v-prediction models."""
+    """Convert a UNet output to epsilon space so scores compare across epsilon- and v-prediction models.
+
+    timestep: one int for the whole batch, or (B,) per sample (training batches); scheduler: any diffusers
+    scheduler with `alphas_cumprod` and `config.prediction_type` (DDIM, DDPM, ...).
+    """
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         return model_output
-    alpha_prod = scheduler.alphas_cumprod[int(timestep)].to(device=sample.device, dtype=torch.float32)
+    t = torch.as_tensor(timestep, device="cpu").long().reshape(-1)
+    alpha_prod = scheduler.alphas_cumprod[t].to(device=sample.device, dtype=torch.float32)
+    alpha_prod = alpha_prod.reshape(-1, *([1] * (sample.dim() - 1)))
     output, sample = model_output.float(), sample.float()
     if prediction_type == "v_prediction":
         return alpha_prod.sqrt() * output + (1 - alpha_prod).sqrt() * sample
