@@ -3,6 +3,7 @@ loadable, reproducible, cached diffusers folder. The slow tests share the sessio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -22,16 +23,7 @@ from auditor.toy.train import PRESETS, ToyTrainSpec, build_toy_model, read_build
 
 # A few seconds to train: for behaviour of the trainer, not for memorization.
 MICRO = ToyTrainSpec(
-    model=models.TinySDSpec(
-        block_out_channels=(8, 16),
-        sample_size=8,
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        text_layers=1,
-        text_heads=2,
-        text_intermediate=32,
-        norm_num_groups=8,
-    ),
+    model=dataclasses.replace(models.MICRO, norm_num_groups=8),
     data=ToyDataSpec(num_memorized=4, num_seen_once_eval=4, num_held_out=6),
     steps=4,
     batch_size=8,
