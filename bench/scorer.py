@@ -1,6 +1,7 @@
 """CPU throughput of the first-step scorer on a small SD-shaped model; prints tables (run on an idle machine).
 
-Table 1: (a) the paper's per-prompt loop ([uncond; cond] per caption) vs (b) the batched shared-uncond scorer.
+Table 1: (a) the paper's per-prompt loop ([uncond; cond] per caption), fp32 and bf16, vs (b) the batched
+shared-uncond scorer, with (b)/(a) against both; (b) without the shared UNet prefix shows what that adds.
 Table 2: fp32 vs bf16, eager vs torch.compile, batch 16/32/64.
 Usage: python bench/scorer.py [--preset small] [--seconds 20] [--no-compile] [--json out.json]
 """
@@ -25,10 +26,14 @@ from auditor.scoring.scorer import Scorer  # noqa: E402
 from auditor.toy.models import PRESETS, build_random_components, default_corpus  # noqa: E402
 
 
-def make_scorer(components, dtype: torch.dtype, batch: int, compiled: bool) -> Scorer:
+def make_scorer(
+    components, dtype: torch.dtype, batch: int, compiled: bool, shared_prefix: bool = True
+) -> Scorer:
     scorer = Scorer(components, torch.device("cpu"), dtype, batch_size=batch)
     if compiled:
         scorer.unet = torch.compile(components.unet)
+    if not shared_prefix:
+        scorer.prefix_cache = None
     return scorer
 
 
@@ -52,23 +57,31 @@ def main() -> int:
     info += f"{torch.get_num_threads()} threads, preset {args.preset} ({spec.latent_channels}x{spec.sample_size}²)"
     print(info, flush=True)
 
-    paper = paper_loop_rate(
-        Scorer(fp32, torch.device("cpu"), torch.float32, batch_size=1), captions, args.seconds
-    )
-    print(f"(a) paper loop fp32: {paper:.1f} captions/s", flush=True)
-    results = {"machine": info, "date": time.strftime("%Y-%m-%d"), "paper_loop_fp32": paper, "rows": []}
+    paper = {}
+    for dtype_name, components, dtype in (("fp32", fp32, torch.float32), ("bf16", bf16, torch.bfloat16)):
+        scorer = Scorer(components, torch.device("cpu"), dtype, batch_size=1)
+        paper[dtype_name] = paper_loop_rate(scorer, captions, args.seconds)
+        print(f"(a) paper loop {dtype_name}: {paper[dtype_name]:.1f} captions/s", flush=True)
+    results = {"machine": info, "date": time.strftime("%Y-%m-%d"), "paper_loop": paper, "rows": []}
+    # Discarded: the first batched run of a process is slower (allocator and thread-pool warm-up).
+    batched_rate(make_scorer(fp32, torch.float32, args.batch_sizes[0], False), captions, 2.0)
+    modes = [(False, True)] + ([] if args.no_compile else [(True, True)])
     for batch in args.batch_sizes:
+        # The ablation without the shared prefix once, at the first batch size: it costs as much as a row.
+        batch_modes = modes + [(False, False)] if batch == args.batch_sizes[0] else modes
         for dtype_name, components, dtype in (("fp32", fp32, torch.float32), ("bf16", bf16, torch.bfloat16)):
-            for compiled in (False,) if args.no_compile else (False, True):
-                scorer = make_scorer(components, dtype, batch, compiled)
+            for compiled, prefix in batch_modes:
+                scorer = make_scorer(components, dtype, batch, compiled, shared_prefix=prefix)
                 started = time.perf_counter()
                 rate = batched_rate(scorer, captions, args.seconds)
                 row = {
                     "batch_size": batch,
                     "dtype": dtype_name,
                     "compiled": compiled,
+                    "shared_prefix": prefix,
                     "captions_per_s": rate,
-                    "over_paper_loop": rate / paper,
+                    "over_paper_loop_fp32": rate / paper["fp32"],
+                    "over_paper_loop_same_dtype": rate / paper[dtype_name],
                     "wall_s": time.perf_counter() - started,
                 }
                 results["rows"].append(row)
@@ -76,16 +89,18 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
-    print(f"\n{info}\nTable 1 (fp32, eager): (a) paper loop {paper:.1f} captions/s")
-    print(f"{'B':>4} {'(b) captions/s':>15} {'(b)/(a)':>8}")
-    for row in results["rows"]:
-        if row["dtype"] == "fp32" and not row["compiled"]:
-            print(f"{row['batch_size']:>4} {row['captions_per_s']:15.1f} {row['over_paper_loop']:8.2f}")
-    print("\nTable 2: batched shared-uncond scorer, captions/s")
-    print(f"{'B':>4} {'dtype':>5} {'mode':>8} {'captions/s':>11}")
+    print(f"\n{info}")
+    print(f"(a) paper loop, eager: fp32 {paper['fp32']:.1f} captions/s, bf16 {paper['bf16']:.1f} captions/s")
+    print("(b) batched shared-uncond scorer, captions/s and (b)/(a):")
+    header = f"{'B':>4} {'dtype':>5} {'mode':>8} {'prefix':>7} {'captions/s':>11} {'/(a) fp32':>10} {'/(a) same dtype':>16}"
+    print(header)
     for row in results["rows"]:
         mode = "compiled" if row["compiled"] else "eager"
-        print(f"{row['batch_size']:>4} {row['dtype']:>5} {mode:>8} {row['captions_per_s']:11.1f}")
+        prefix = "shared" if row["shared_prefix"] else "full"
+        print(
+            f"{row['batch_size']:>4} {row['dtype']:>5} {mode:>8} {prefix:>7} {row['captions_per_s']:11.1f}"
+            f" {row['over_paper_loop_fp32']:10.2f} {row['over_paper_loop_same_dtype']:16.2f}"
+        )
     return 0
 
 

@@ -3,6 +3,8 @@
 score(p) = mean_k || eps(x_T^k, t1, E(p)) - eps(x_T^k, t1, E("")) ||_2, the norm per sample over C*H*W in float32.
 x_T^k depends only on (seed, k), so eps(x_T^k, t1, E("")) is computed once per k and reused for every caption:
 one UNet row per caption and generation instead of two, and scores that do not depend on batch or order.
+The same argument makes the UNet's head before its first cross-attention caption-independent: it is also
+computed once per x_T (`shared_prefix`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from auditor.errors import ConfigError
-from auditor.scoring import magnitude
+from auditor.scoring import magnitude, shared_prefix
 from auditor.scoring.loading import ModelComponents, fingerprint_model, load_components, resolve_model_dir
 from auditor.scoring.tokens import TokenizedCaptions, tokenize_captions
 
@@ -81,6 +84,9 @@ class Scorer:
             "channels_last": False,
             "torch": torch.__version__,
         }
+        self.prefix_cache, why_no_prefix = shared_prefix.attach(self.unet)
+        self.runtime["shared_prefix"] = self.prefix_cache is not None or f"off: {why_no_prefix}"
+        self._prefix_checked = False
         self._latents_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._uncond_cache: dict[bytes, torch.Tensor] = {}
         self._empty_embedding: torch.Tensor | None = None
@@ -212,14 +218,52 @@ class Scorer:
     ) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
 
-    def _uncond_first_output(self, latent: torch.Tensor) -> torch.Tensor:
-        """UNet output for E("") at t1 on one x_T (1, C, H, W): computed once per distinct latent, then reused."""
-        key = hashlib.sha1(latent.float().cpu().numpy().tobytes()).digest()
+    def _uncond_first_output(self, latent: torch.Tensor) -> tuple[torch.Tensor, bytes]:
+        """UNet output for E("") at t1 on one x_T (1, C, H, W), and its key: computed once per x_T, then reused.
+
+        The pass runs eagerly so that it also records the shared prefix for the captions' passes on this x_T.
+        """
+        digest = hashlib.sha1(latent.float().cpu().numpy().tobytes())
+        digest.update(f"{self.first_timestep}/{self.dtype}".encode())
+        key = digest.digest()
         if key not in self._uncond_cache:
             sample = latent.to(self.device, self.dtype)
-            with torch.no_grad():
-                self._uncond_cache[key] = self.denoiser(sample, self.timesteps[0], self.empty_embedding())
-        return self._uncond_cache[key]
+            recording = self.prefix_cache.recording(key) if self.prefix_cache else nullcontext()
+            with torch.no_grad(), recording:
+                self._uncond_cache[key] = self.eager_unet(sample, self.timesteps[0], self.empty_embedding())
+            self._check_prefix(sample, key)
+        return self._uncond_cache[key], key
+
+    def _check_prefix(self, sample: torch.Tensor, key: bytes) -> None:
+        """Trust the shared prefix only once a replayed forward matched a full one on a non-empty embedding."""
+        if self.prefix_cache is None or self._prefix_checked:
+            return
+        self._prefix_checked = True
+        if key not in self.prefix_cache.stored:
+            self._disable_prefix("the first self-attention was not called through its processor")
+            return
+        # Scaled, not permuted: cross-attention is invariant to permuting the tokens.
+        probe = self.empty_embedding() * 2.0
+        with torch.no_grad():
+            full = self.eager_unet(sample, self.timesteps[0], probe).float()
+            with self.prefix_cache.replaying(key):
+                replayed = self.eager_unet(sample, self.timesteps[0], probe).float()
+        error = float((replayed - full).abs().max() / full.abs().max().clamp_min(1e-12))
+        if error > 1e-3:
+            self._disable_prefix(f"a replayed forward differs from a full one by {error:.1e} (relative)")
+
+    def _disable_prefix(self, why: str) -> None:
+        logger.warning("shared UNet prefix disabled: %s", why)
+        self.prefix_cache = None
+        self.runtime["shared_prefix"] = f"off: {why}"
+
+    @contextmanager
+    def _shared_prefix(self, key: bytes) -> Iterator[None]:
+        if self.prefix_cache is None:
+            yield
+            return
+        with self.prefix_cache.replaying(key):
+            yield
 
     # 4. Score ---------------------------------------------------------------------------------------------------
     def score(
@@ -299,8 +343,10 @@ class Scorer:
             sample = x_T_device[k : k + 1].expand(batch, -1, -1, -1).contiguous()
             for index, timestep in enumerate(self.timesteps[:steps]):
                 if index == 0:
-                    cond = self.denoiser(sample, timestep, prompt_embeds)
-                    uncond = self._uncond_first_output(x_T[k : k + 1]).expand_as(cond)
+                    uncond, key = self._uncond_first_output(x_T[k : k + 1])
+                    with self._shared_prefix(key):
+                        cond = self.denoiser(sample, timestep, prompt_embeds)
+                    uncond = uncond.expand_as(cond)
                 else:
                     empty = self.empty_embedding().expand(batch, -1, -1)
                     both = self.denoiser(

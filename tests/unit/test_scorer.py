@@ -128,7 +128,8 @@ def test_shared_uncond_costs_one_unet_row_per_caption_and_generation(tiny_model_
     rows, handle = count_unet_rows(scorer)
     try:
         scorer.score(captions, generations=3, seed=4)
-        assert sum(rows) == 3 * 20 + 3  # + the uncond pass, once per generation
+        # + the uncond pass, once per generation, + the shared prefix's one-off check (full and replayed pass).
+        assert sum(rows) == 3 * 20 + 3 + 2
         rows.clear()
         scorer.score(captions, generations=3, seed=4)
         assert sum(rows) == 3 * 20  # uncond now cached
