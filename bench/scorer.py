@@ -4,6 +4,7 @@ Table 1: (a) the paper's per-prompt loop ([uncond; cond] per caption), fp32 and 
 shared-uncond scorer, with (b)/(a) against both; (b) without the shared UNet prefix shows what that adds.
 Table 2: fp32 vs bf16, eager vs torch.compile, batch 16/32/64.
 Usage: python bench/scorer.py [--preset small] [--seconds 20] [--no-compile] [--json out.json]
+       python bench/scorer.py --ablation [--batch-sizes 16]   (shared vs full UNet head, interleaved, eager)
 """
 
 from __future__ import annotations
@@ -37,6 +38,21 @@ def make_scorer(
     return scorer
 
 
+def ablation(captions: list[str], fp32, bf16, batch: int, seconds: float, info: str, rounds: int = 2) -> int:
+    """Shared vs full UNet head, eager, interleaved `rounds` times per dtype; prints mean captions/s and ratio."""
+    print(f"\n{info}\nshared UNet head vs full forward, B={batch}, eager, {rounds} interleaved rounds")
+    print(f"{'dtype':>5} {'full':>8} {'shared':>8} {'shared/full':>12}")
+    for dtype_name, components, dtype in (("fp32", fp32, torch.float32), ("bf16", bf16, torch.bfloat16)):
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(rounds):
+            for prefix in (False, True):
+                scorer = make_scorer(components, dtype, batch, compiled=False, shared_prefix=prefix)
+                rates[prefix].append(batched_rate(scorer, captions, seconds))
+        full, shared = (sum(rates[p]) / rounds for p in (False, True))
+        print(f"{dtype_name:>5} {full:8.1f} {shared:8.1f} {shared / full:12.2f}", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -45,6 +61,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per measurement")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="only the shared-vs-full UNet head comparison: alternating runs, so drift hits both alike",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     spec = PRESETS[args.preset]
@@ -57,6 +78,8 @@ def main() -> int:
     info += f"{torch.get_num_threads()} threads, preset {args.preset} ({spec.latent_channels}x{spec.sample_size}²)"
     print(info, flush=True)
 
+    if args.ablation:
+        return ablation(captions, fp32, bf16, args.batch_sizes[0], args.seconds, info)
     paper = {}
     for dtype_name, components, dtype in (("fp32", fp32, torch.float32), ("bf16", bf16, torch.bfloat16)):
         scorer = Scorer(components, torch.device("cpu"), dtype, batch_size=1)

@@ -13,8 +13,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -257,14 +257,6 @@ class Scorer:
         self.prefix_cache = None
         self.runtime["shared_prefix"] = f"off: {why}"
 
-    @contextmanager
-    def _shared_prefix(self, key: bytes) -> Iterator[None]:
-        if self.prefix_cache is None:
-            yield
-            return
-        with self.prefix_cache.replaying(key):
-            yield
-
     # 4. Score ---------------------------------------------------------------------------------------------------
     def score(
         self,
@@ -344,7 +336,8 @@ class Scorer:
             for index, timestep in enumerate(self.timesteps[:steps]):
                 if index == 0:
                     uncond, key = self._uncond_first_output(x_T[k : k + 1])
-                    with self._shared_prefix(key):
+                    replaying = self.prefix_cache.replaying(key) if self.prefix_cache else nullcontext()
+                    with replaying:
                         cond = self.denoiser(sample, timestep, prompt_embeds)
                     uncond = uncond.expand_as(cond)
                 else:
