@@ -28,6 +28,8 @@ SHARD = "shard"
 MEMORIZATION_FLAG = "memorization_flag"
 MEMORIZATION_SCORE = "memorization_score"
 
+# Schema metadata key on the score actor's output batches: its Scorer.runtime as JSON (for _audit.json).
+ACTOR_RUNTIME_KEY = b"auditor.actor_runtime"
 # Internal columns that travel between pipeline stages and are never written.
 INPUT_IDS = "_input_ids"
 ATTENTION_MASK = "_attention_mask"

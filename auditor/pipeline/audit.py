@@ -9,6 +9,7 @@ driver is not the bottleneck, and it is the one place that knows when a file is 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -20,7 +21,7 @@ from typing import Any
 
 import ray
 
-from auditor import __version__
+from auditor import __version__, schema
 from auditor.config import AuditConfig
 from auditor.errors import ConfigError
 from auditor.io.inputs import InputFile
@@ -184,14 +185,21 @@ def run(cfg: AuditConfig) -> AuditResult:
         init_ray(cfg.address, cfg.num_cpus, cfg.quiet)
         resources = actor_resources(cfg, local=cfg.address is None and not os.environ.get("RAY_ADDRESS"))
         runtime = actor_runtime(cfg, resources)
+        actor_runtimes: set[bytes] = set()
         timings["ray_init"] = time.perf_counter() - step
         step = time.perf_counter()
         ds = build_dataset(cfg, plan.pending, resources)
         try:
             for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                metadata = table.schema.metadata or {}
+                if schema.ACTOR_RUNTIME_KEY in metadata:
+                    actor_runtimes.add(metadata[schema.ACTOR_RUNTIME_KEY])
+                    table = table.replace_schema_metadata(None)
                 sink.consume(table)
         finally:
             sink.close()
+        # Distinct runtimes: identical actors on identical machines collapse into one entry.
+        runtime["actors"] = [json.loads(raw) for raw in sorted(actor_runtimes)]
         timings["pipeline"] = time.perf_counter() - step
         timings["driver_write"] = sink.write_s
         ray_stats = ds.stats()

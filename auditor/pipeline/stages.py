@@ -6,7 +6,9 @@ Each is plain Python over pyarrow tables, so a test can call it without Ray: `Sc
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -110,6 +112,8 @@ class ScoreActor:
         if self.scorer.device.type == "cpu":
             # Ray sets OMP threads to the actor's CPUs; torch must agree or two actors fight over cores.
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
+        self.host_info = {"host": socket.gethostname(), "torch_threads": torch.get_num_threads()}
+        self.runtime_metadata: dict[bytes, bytes] = {}
         self.threshold = resolve_threshold(cfg).value
         self.explain = load_explain() if cfg.explain_flagged else None
         self.tokenizer = CaptionTokenizer(self.scorer.tokenizer)
@@ -140,7 +144,12 @@ class ScoreActor:
         out = out.append_column(schema.ERROR, pa.array(errors, pa.string()))
         if self.explain is not None:
             out = self._add_explanations(out, flagged)
-        return out
+        # What this actor really runs with (a capture can fail, the shared head can be off) rides along in the
+        # schema metadata: no per-row cost, and the driver strips it before writing.
+        if not self.runtime_metadata:
+            runtime = {**self.scorer.runtime, **self.host_info}
+            self.runtime_metadata = {schema.ACTOR_RUNTIME_KEY: json.dumps(runtime, sort_keys=True).encode()}
+        return out.replace_schema_metadata(self.runtime_metadata)
 
     def _score(self, tokens: TokenizedCaptions) -> np.ndarray:
         """(B,) float32. Identical token ids score identically (the score depends on nothing else), so rows seen

@@ -95,6 +95,10 @@ def test_audit_every_format_exactly_once_then_incremental(ray_local, tmp_path, t
     audit = json.loads((tmp_path / "out" / "_audit.json").read_text())
     assert audit["model_fingerprint"] == tiny_scorer.fingerprint
     assert audit["runtime"]["actor_device"] == "cpu" and audit["runtime"]["cuda_graphs"] is False
+    # What the actors reported they ran with, not only what the driver resolved.
+    (actor,) = audit["runtime"]["actors"]
+    assert actor["device"] == "cpu" and actor["dtype"] == "float32" and actor["shared_prefix"] is True
+    assert actor["torch_threads"] >= 1 and actor["batch_size"] == audit["config"]["batch_size"]
     assert audit["threshold"] == threshold and audit["threshold_origin"] == {
         "kind": "flag",
         "value": threshold,
