@@ -2,8 +2,9 @@
 
 Modes (same captions, fp16, 64x64 latents, n=1):
   (a) paper loop   one prompt at a time, CFG batch [uncond; cond] of 2 rows, eager
-  (b) batched      shared-uncond scorer at batch B, eager (channels_last)
-  (c) graphs       (b) + CUDA graphs for text encoder and first-step UNet
+  (b) batched      shared-uncond scorer at batch B, eager (channels_last), with the shared UNet head
+  (c) graphs       (b) + CUDA graphs for text encoder and first-step UNet (the graph holds the full UNet
+                   forward: the shared head is not captured yet)
   (d) compiled     (b) with torch.compile(mode="reduce-overhead") on the UNet (optional, --compile)
 Usage: python bench/gpu_bench.py --out DIR [--batch-sizes 8 32 64 128] [--seconds 6]
 """
