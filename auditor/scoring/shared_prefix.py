@@ -3,7 +3,7 @@
 Every caption starts from the same x_T^(k) at the same t1, and in a Stable Diffusion UNet the text enters only
 through cross-attention. So everything before the first cross-attention is the same for every caption: conv_in,
 the first ResNet and, most expensive of all, the first transformer block's self-attention over every latent
-position (a sixth to a fifth of a small model's whole forward on CPU). `FirstSelfAttentionCache` is a diffusers
+position (13–18% of the small benchmark model's forward on CPU, BENCHMARKS.md §1). `FirstSelfAttentionCache` is a diffusers
 attention processor for that first self-attention: it records the output on the uncond pass of x_T and hands it
 back, broadcast over the batch, to every caption's pass on the same x_T.
 
@@ -65,9 +65,6 @@ class FirstSelfAttentionCache:
             yield
         finally:
             self.replay_key = None
-
-    def forget(self, key: bytes) -> None:
-        self.stored.pop(key, None)
 
 
 def first_self_attention(unet: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
