@@ -3,9 +3,9 @@
 Every caption starts from the same x_T^(k) at the same t1, and in a Stable Diffusion UNet the text enters only
 through cross-attention. So everything before the first cross-attention is the same for every caption: conv_in,
 the first ResNet and, most expensive of all, the first transformer block's self-attention over every latent
-position (13–18% of the small benchmark model's forward on CPU, BENCHMARKS.md §1). `FirstSelfAttentionCache` is a diffusers
-attention processor for that first self-attention: it records the output on the uncond pass of x_T and hands it
-back, broadcast over the batch, to every caption's pass on the same x_T.
+position (13–18% of the small benchmark model's forward on CPU, BENCHMARKS.md §1). `FirstSelfAttentionCache` is
+a diffusers attention processor for that first self-attention: it records the output on the uncond pass of x_T
+and hands it back, broadcast over the batch, to every caption's pass on the same x_T.
 
 Where the UNet's design does not guarantee that independence (class or added embeddings in the time embedding,
 an attn1 that attends to the text), `attach` returns no cache; `Scorer` also checks the cache against a full
