@@ -7,6 +7,7 @@ Modes (same captions, fp16, 64x64 latents, n=1):
                    forward: the shared head is not captured yet)
   (d) compiled     (b) with torch.compile(mode="reduce-overhead") on the UNet (optional, --compile)
 Usage: python bench/gpu_bench.py --out DIR [--batch-sizes 8 32 64 128] [--seconds 6]
+       python bench/gpu_bench.py --smoke --out DIR   (CPU, tiny model, no graphs: checks the script, measures nothing)
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from rates import batched_rate, now, paper_loop_rate  # noqa: E402
 
 from auditor.scoring.scorer import Scorer  # noqa: E402
-from auditor.toy.models import SD15, build_random_components, build_text_encoder, build_unet, default_corpus  # noqa: E402
+from auditor.toy.models import (  # noqa: E402
+    SD15,
+    TINY,
+    build_random_components,
+    build_text_encoder,
+    build_unet,
+    default_corpus,
+)
 
 
 def count_tflop(spec) -> tuple[float, float]:
@@ -56,7 +64,7 @@ def bf16_matmul_peak_tflops(size: int = 8192, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (now(cuda) - start) / 1e12
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -66,31 +74,48 @@ def main() -> int:
     parser.add_argument(
         "--compile", action="store_true", help="also time torch.compile(mode='reduce-overhead')"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="run the script's code paths on CPU with the tiny model (no graphs, no peak): a check, not a measurement",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        return run(args, torch.device("cpu"), TINY, torch.float32)
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device; nothing measured.", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
+    return run(args, torch.device("cuda"), SD15, torch.float16)
+
+
+def run(args: argparse.Namespace, device: torch.device, spec, dtype: torch.dtype) -> int:
+    on_gpu = device.type == "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     captions = sorted(set(default_corpus(seed=3, size=4000)))
-    unet_tflop, text_tflop = count_tflop(SD15)
+    unet_tflop, text_tflop = count_tflop(spec)
     flop_per_caption = unet_tflop + text_tflop
-    peak = bf16_matmul_peak_tflops()
-    components = build_random_components(SD15, "cuda", torch.float16)
+    peak = bf16_matmul_peak_tflops() if on_gpu else float("nan")
+    components = build_random_components(spec, device, dtype)
     rows = []
-    eager = Scorer(components, torch.device("cuda"), torch.float16, batch_size=1)
-    eager.optimize_for_cuda(cuda_graphs=False)
+    eager = Scorer(components, device, dtype, batch_size=1)
+    if on_gpu:
+        eager.optimize_for_cuda(cuda_graphs=False)
     paper = paper_loop_rate(eager, captions, args.seconds)
     for batch in args.batch_sizes:
         row = {"batch_size": batch, "paper_loop": paper}
-        scorer = Scorer(components, torch.device("cuda"), torch.float16, batch_size=batch)
-        scorer.optimize_for_cuda(cuda_graphs=False)
+        scorer = Scorer(components, device, dtype, batch_size=batch)
+        if on_gpu:
+            scorer.optimize_for_cuda(cuda_graphs=False)
         row["batched"] = batched_rate(scorer, captions, args.seconds)
-        scorer.optimize_for_cuda(cuda_graphs=True)
+        if on_gpu:
+            scorer.optimize_for_cuda(cuda_graphs=True)
+        # A failed capture falls back to eager: then this row is not a graph row, and the table says so.
+        row["graphs_captured"] = bool(scorer.runtime["cuda_graphs"])
         row["graphs"] = batched_rate(scorer, captions, args.seconds)
         if args.compile:
-            compiled = Scorer(components, torch.device("cuda"), torch.float16, batch_size=batch)
+            compiled = Scorer(components, device, dtype, batch_size=batch)
             compiled.unet = torch.compile(components.unet, mode="reduce-overhead")
             start = time.perf_counter()
             row["compiled"] = batched_rate(compiled, captions, args.seconds)
@@ -101,9 +126,12 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del scorer
-        torch.cuda.empty_cache()
+        if on_gpu:
+            torch.cuda.empty_cache()
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name()
+        if on_gpu
+        else f"{platform.machine()} CPU (smoke run, not a measurement)",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
@@ -127,7 +155,7 @@ def main() -> int:
         )
         line += f" {row['compiled']:15.1f}" if args.compile else ""
         line += f" {row['graphs_tflops']:12.1f} {100 * row['graphs_fraction_of_peak']:6.1f}% {row['graphs_over_paper']:8.2f}"
-        print(line)
+        print(line + ("" if row["graphs_captured"] else "  (no graph captured: (c) ran eagerly)"))
     return 0
 
 
