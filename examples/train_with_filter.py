@@ -44,10 +44,9 @@ def training_time_magnitudes(
     noise_scheduler = DDPMScheduler.from_config(scorer.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
     magnitude_filter = MagnitudeFilter(1.0)
-    tokens = scorer.tokenize(captions)
     values = []
     with torch.no_grad():
-        embeds = scorer.encode(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
+        embeds = scorer.encode_tokens(scorer.tokenize(captions))
         for _ in range(repeats):
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(

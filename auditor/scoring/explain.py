@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from auditor.errors import InputDataError
 from auditor.scoring import magnitude
 from auditor.scoring.scorer import Scorer
+from auditor.scoring.tokens import tokenize_one_caption
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +60,15 @@ def explain(
     """
     # 1. Check inputs
     x_T = scorer.check_score_args(generations, steps, seed, None)
-    if not isinstance(caption, str):
-        raise InputDataError(f"caption must be a str, got {type(caption).__name__} ({caption!r:.60}).")
-    tokenized = scorer.tokenize([caption])
+    tokenized = tokenize_one_caption(scorer.tokenizer, caption, "explain")
     n_kept = min(int(tokenized.n_tokens[0]), scorer.max_length - 2)
-    if n_kept == 0:
-        raise InputDataError(
-            f"caption {caption!r} has no tokens once BOS/EOS are removed: nothing to explain. Pass a non-empty caption."
-        )
     started = time.perf_counter()
 
     # 2. Encode prompt; e_p is the leaf the gradients are taken against, one row per generation so that one
     # backward of sum_k m_k gives every per-sample gradient d m_k / d e_p (m_k depends on row k only).
     device, dtype = scorer.device, scorer.dtype
     with torch.no_grad():
-        prompt_embeds = scorer.encode(
-            torch.from_numpy(tokenized.input_ids), torch.from_numpy(tokenized.attention_mask)
-        ).float()
+        prompt_embeds = scorer.encode_tokens(tokenized).float()
         empty = scorer.empty_embedding().expand(generations, -1, -1)
     leaf = prompt_embeds.expand(generations, -1, -1).clone().requires_grad_(True)
 

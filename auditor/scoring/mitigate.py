@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from auditor.errors import ConfigError, InputDataError
+from auditor.errors import ConfigError
 from auditor.scoring import magnitude
 from auditor.scoring.scorer import Scorer
+from auditor.scoring.tokens import tokenize_one_caption
 
 logger = logging.getLogger(__name__)
 
@@ -110,22 +111,13 @@ def mitigate(
     # 1. Check inputs
     check_mitigate_args(target, lr, max_iters)
     x_T = scorer.check_score_args(generations, 1, seed, None)
-    if not isinstance(caption, str):
-        raise InputDataError(f"caption must be a str, got {type(caption).__name__} ({caption!r:.60}).")
-    tokenized = scorer.tokenize([caption])
-    if int(tokenized.n_tokens[0]) == 0:
-        raise InputDataError(
-            f"caption {caption!r} has no tokens once BOS/EOS are removed: nothing to explain or mitigate. "
-            "Pass a non-empty caption."
-        )
+    tokenized = tokenize_one_caption(scorer.tokenizer, caption, "explain or mitigate")
     started = time.perf_counter()
 
     # 2. Encode prompt and the fixed unconditional side
     device = scorer.device
     with torch.no_grad():
-        initial = scorer.encode(
-            torch.from_numpy(tokenized.input_ids), torch.from_numpy(tokenized.attention_mask)
-        ).float()
+        initial = scorer.encode_tokens(tokenized).float()
         empty = scorer.empty_embedding().float().expand(generations, -1, -1)
     bos = initial[:, :1]
     rest = initial[:, 1:].clone().requires_grad_(True)

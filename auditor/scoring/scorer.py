@@ -184,6 +184,10 @@ class Scorer:
             return hidden.to(dtype=self.dtype)
         return self.text_forward(input_ids)
 
+    def encode_tokens(self, tokens: TokenizedCaptions) -> torch.Tensor:
+        """`tokenize` output -> (B, L, D) text-encoder output in the model dtype."""
+        return self.encode(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
+
     def eager_text_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids)[0].to(dtype=self.dtype)
 
@@ -196,11 +200,8 @@ class Scorer:
     def empty_embedding(self) -> torch.Tensor:
         """E("") padded to L: (1, L, D), the unconditional embedding of the pipeline's CFG batch."""
         if self._empty_embedding is None:
-            empty = self.tokenize([""])
             with torch.no_grad():
-                self._empty_embedding = self.encode(
-                    torch.from_numpy(empty.input_ids), torch.from_numpy(empty.attention_mask)
-                )
+                self._empty_embedding = self.encode_tokens(self.tokenize([""]))
         return self._empty_embedding
 
     # 3. Noise ---------------------------------------------------------------------------------------------------

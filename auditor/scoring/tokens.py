@@ -44,6 +44,19 @@ def validate_captions(captions: Sequence[Any]) -> list[str]:
     return result
 
 
+def tokenize_one_caption(tokenizer: Any, caption: Any, purpose: str) -> TokenizedCaptions:
+    """One caption that must keep at least one token (explain, mitigate); the error says what it was for."""
+    if not isinstance(caption, str):
+        raise InputDataError(f"caption must be a str, got {type(caption).__name__} ({caption!r:.60}).")
+    tokens = tokenize_captions(tokenizer, [caption])
+    if int(tokens.n_tokens[0]) == 0:
+        raise InputDataError(
+            f"caption {caption!r} has no tokens once BOS/EOS are removed: nothing to {purpose}. "
+            "Pass a non-empty caption."
+        )
+    return tokens
+
+
 def tokenize_captions(tokenizer: Any, captions: Sequence[str]) -> TokenizedCaptions:
     """Pad to `tokenizer.model_max_length` and truncate; count tokens before the cut for `n_tokens`/`truncated`."""
     captions = validate_captions(captions)

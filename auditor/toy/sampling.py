@@ -42,10 +42,7 @@ def sample_latents(
     scheduler = DDIMScheduler.from_config(scorer.scheduler.config)
     scheduler.set_timesteps(num_steps)
     if prompt_embeds is None:
-        tokens = scorer.tokenize(captions)
-        prompt_embeds = scorer.encode(
-            torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
-        )
+        prompt_embeds = scorer.encode_tokens(scorer.tokenize(captions))
     prompt_embeds = prompt_embeds.to(scorer.device, scorer.dtype)
     batch = prompt_embeds.shape[0]
     empty = scorer.empty_embedding().expand(batch, -1, -1)

@@ -15,11 +15,8 @@ CAPTION = "a red cat sitting in a park"
 
 
 def encode_caption(scorer: Scorer, caption: str) -> torch.Tensor:
-    tokens = scorer.tokenize([caption])
     with torch.no_grad():
-        return scorer.encode(
-            torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
-        ).float()
+        return scorer.encode_tokens(scorer.tokenize([caption])).float()
 
 
 def unet_eps(scorer: Scorer, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

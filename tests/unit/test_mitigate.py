@@ -8,16 +8,7 @@ import torch
 from auditor import Scorer
 from auditor.errors import ConfigError, InputDataError
 from auditor.scoring.mitigate import MitigationResult, float32_unet, mitigate, sample_latents
-
-CAPTION = "a red cat sitting in a park"
-
-
-def encode_caption(scorer: Scorer, caption: str) -> torch.Tensor:
-    tokens = scorer.tokenize([caption])
-    with torch.no_grad():
-        return scorer.encode(
-            torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
-        ).float()
+from tests.unit.test_explain import CAPTION, encode_caption
 
 
 def first_step_score(scorer: Scorer, prompt_embeds: torch.Tensor, generations: int, seed: int) -> float:
