@@ -113,7 +113,6 @@ class ScoreActor:
             # Ray sets OMP threads to the actor's CPUs; torch must agree or two actors fight over cores.
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.host_info = {"host": socket.gethostname(), "torch_threads": torch.get_num_threads()}
-        self.runtime_metadata: dict[bytes, bytes] = {}
         self.threshold = resolve_threshold(cfg).value
         self.explain = load_explain() if cfg.explain_flagged else None
         self.tokenizer = CaptionTokenizer(self.scorer.tokenizer)
@@ -144,12 +143,13 @@ class ScoreActor:
         out = out.append_column(schema.ERROR, pa.array(errors, pa.string()))
         if self.explain is not None:
             out = self._add_explanations(out, flagged)
-        # What this actor really runs with (a capture can fail, the shared head can be off) rides along in the
-        # schema metadata: no per-row cost, and the driver strips it before writing.
-        if not self.runtime_metadata:
-            runtime = {**self.scorer.runtime, **self.host_info}
-            self.runtime_metadata = {schema.ACTOR_RUNTIME_KEY: json.dumps(runtime, sort_keys=True).encode()}
-        return out.replace_schema_metadata(self.runtime_metadata)
+        # What this actor really runs with (a capture can fail, the shared head can turn off at its first score)
+        # rides along in the schema metadata of batches it scored, when that is settled: no per-row cost, and the
+        # driver strips it before writing.
+        if ok.any():
+            runtime = json.dumps({**self.scorer.runtime, **self.host_info}, sort_keys=True)
+            out = out.replace_schema_metadata({schema.ACTOR_RUNTIME_KEY: runtime.encode()})
+        return out
 
     def _score(self, tokens: TokenizedCaptions) -> np.ndarray:
         """(B,) float32. Identical token ids score identically (the score depends on nothing else), so rows seen

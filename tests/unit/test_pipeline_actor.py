@@ -66,6 +66,13 @@ def test_score_actor_without_ray(tmp_path, tiny_model_dir, tiny_scorer, parquet_
     assert out.column(schema.FLAGGED).to_pylist() == [s is not None and s > threshold for s in scores]
     assert out.column(schema.N_TOKENS).to_pylist()[4:] == [None, None]
     assert out.column("url").to_pylist() == list("abcdef")
+    runtime = json.loads(out.schema.metadata[schema.ACTOR_RUNTIME_KEY])
+    assert (
+        runtime["shared_prefix"] is True and runtime["dtype"] == "float32" and runtime["torch_threads"] >= 1
+    )
+    # A batch with nothing to score says nothing of the runtime: it may not be settled yet.
+    unscorable = ScoreActor(cfg)(data.slice(4))
+    assert unscorable.schema.metadata is None
     # Without the CPU stage's token columns the actor tokenizes itself.
     fresh = ScoreActor(cfg)
     again = fresh(data.drop_columns([schema.INPUT_IDS, schema.ATTENTION_MASK]))
@@ -92,6 +99,7 @@ def test_score_actor_bad_batch_gets_status(tmp_path, tiny_model_dir, parquet_inp
     assert out.column(schema.STATUS).to_pylist()[:4] == [schema.SCORE_ERROR] * 4
     assert "CUDA out of memory" in out.column(schema.ERROR)[0].as_py()
     assert out.column(schema.FLAGGED).to_pylist() == [False] * 6
+    assert out.schema.metadata is None  # a batch the scorer failed on reports no runtime
 
 
 def test_explain_flagged_adds_token_columns(tmp_path, tiny_model_dir, parquet_input):
