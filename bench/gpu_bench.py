@@ -29,6 +29,7 @@ from auditor.scoring.scorer import Scorer  # noqa: E402
 from auditor.toy.models import (  # noqa: E402
     SD15,
     TINY,
+    TinySDSpec,
     build_random_components,
     build_text_encoder,
     build_unet,
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     return run(args, torch.device("cuda"), SD15, torch.float16)
 
 
-def run(args: argparse.Namespace, device: torch.device, spec, dtype: torch.dtype) -> int:
+def run(args: argparse.Namespace, device: torch.device, spec: TinySDSpec, dtype: torch.dtype) -> int:
     on_gpu = device.type == "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
