@@ -1,4 +1,7 @@
-"""Integration fixtures: one local Ray (2 CPUs) per session (the moto S3 server is tests/conftest.py's)."""
+"""Integration fixtures: one in-process local Ray (2 CPUs) per session, and a real 2-node Ray per test on demand.
+
+The moto S3 server is tests/conftest.py's.
+"""
 
 from __future__ import annotations
 
@@ -18,3 +21,17 @@ def ray_local(s3_endpoint):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster():
+    """A fresh real 2-node Ray (head 1 CPU + a second raylet with 2 CPUs) per test; see ray_cluster.LocalRayCluster.
+
+    Separate from `ray_local`: its own temp dir, ports and token, reached only by subprocess drivers
+    (`cluster.driver_env()`), so both can run in one session. Ask for `s3_endpoint` too when the drill reads
+    from moto: that session fixture starts first, and the nodes inherit its credentials from the environment.
+    """
+    from ray_cluster import LocalRayCluster
+
+    with LocalRayCluster(head_cpus=1, worker_cpus=2) as cluster:
+        yield cluster
