@@ -194,7 +194,8 @@ class LocalRayCluster:
     Every process it starts carries `AUDITOR_TEST_RAY_NODE=<temp dir>:<head|worker>` in its environment, and Ray
     passes its environment on to the node's workers and actors, whose command lines become `ray::…`: that marker,
     not a process name, is how `kill_worker_node()` and `stop()` find exactly this cluster's processes.
-    `node_timeout_s` sets how fast the head declares a silent node dead (Ray's default is about 30 s).
+    `node_timeout_s` sets how fast the head declares a silent node dead (health checks every 0.5 s; Ray's own
+    defaults take several times longer).
     """
 
     def __init__(
