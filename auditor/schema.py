@@ -33,6 +33,16 @@ ACTOR_RUNTIME_KEY = b"auditor.actor_runtime"
 # Internal columns that travel between pipeline stages and are never written.
 INPUT_IDS = "_input_ids"
 ATTENTION_MASK = "_attention_mask"
+# The work unit of every row (int32), and on a unit's END_OF_UNIT row: its row count (int64) and the number of
+# units of its file (int32); null on other rows.
+UNIT = "_unit"
+UNIT_ROWS = "_unit_rows"
+FILE_UNITS = "_file_units"
+UNIT_FIELDS = (
+    pa.field(UNIT, pa.int32()),
+    pa.field(UNIT_ROWS, pa.int64()),
+    pa.field(FILE_UNITS, pa.int32()),
+)
 
 # Row statuses. Everything but OK has a null score and flagged = False.
 OK = "ok"
@@ -42,10 +52,12 @@ EMPTY_CAPTION = "empty_caption"
 BAD_RECORD = "bad_record"  # a jsonl line that is not a JSON object
 SCORE_ERROR = "score_error"  # the scorer raised on the batch holding this row
 ROW_STATUSES = (OK, NULL_CAPTION, NOT_STRING, EMPTY_CAPTION, BAD_RECORD, SCORE_ERROR)
-# Control rows the reader emits once per input file; the driver consumes them and never writes them.
-# END_OF_FILE: `row` holds the file's row count. READ_ERROR: the file failed; `error` says why.
-END_OF_FILE = "_end_of_file"
+# Control rows the reader emits once per work unit; the write stage turns them into acknowledgements and never
+# writes them. END_OF_UNIT: `row` is the unit's first row, UNIT_ROWS its row count, FILE_UNITS the file's unit
+# count. READ_ERROR: the unit failed; `error` says why.
+END_OF_UNIT = "_end_of_unit"
 READ_ERROR = "_read_error"
+CONTROL_STATUSES = (END_OF_UNIT, READ_ERROR)
 
 SCORES_SCHEMA = pa.schema(
     [

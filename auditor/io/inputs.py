@@ -43,7 +43,9 @@ class InputFile:
     """One input file. source: its URI as written to the output (absolute path locally, s3://bucket/key remotely).
 
     relative: its path under the INPUT it was found from (a folder or a glob's fixed prefix), for outputs that
-    mirror the input layout. shard: the Hive partition value of its rows in OUTPUT/scores.
+    mirror the input layout. shard: the Hive partition value of its rows in OUTPUT/scores. identity: what the
+    store says about the file's content (size plus ETag, checksum or mtime), taken from the listing; a changed
+    identity means a changed file.
     """
 
     source: str
@@ -51,6 +53,33 @@ class InputFile:
     format: str
     relative: str
     shard: str
+    identity: str = ""
+
+
+# Listing fields that change whenever an object's content does, in order of preference: content hashes first
+# (S3/GCS/Azure ETag, GCS md5/crc32c), then modification time. Size is always added.
+IDENTITY_KEYS = (
+    "ETag",
+    "etag",
+    "md5Hash",
+    "crc32c",
+    "checksum",
+    "mtime",
+    "LastModified",
+    "last_modified",
+    "updated",
+)
+
+
+def file_identity(info: dict[str, Any]) -> str:
+    """`size=<bytes>;<key>=<value>` from an fsspec listing entry: equal identities mean the same content."""
+    parts = [f"size={info.get('size')}"]
+    for key in IDENTITY_KEYS:
+        value = info.get(key)
+        if value not in (None, ""):
+            parts.append(f"{key}={str(value).strip(chr(34))}")
+            break
+    return ";".join(parts)
 
 
 def shard_key(source: str) -> str:
@@ -72,24 +101,27 @@ def _hidden(path: str) -> bool:
 
 
 def list_inputs(specs: tuple[str, ...], fmt: str | None, storage_options: dict[str, Any]) -> list[InputFile]:
-    """Every input file the specs name, sorted by source, each once. Raises ConfigError when nothing is found."""
+    """Every input file the specs name, sorted by source, each once, with its identity from the same listing
+    (one listing call per spec, no per-file request). Raises ConfigError when nothing is found.
+    """
     found: dict[str, InputFile] = {}
     for spec in specs:
         fs, path = filesystem_for(spec, storage_options)
         try:
             if GLOB_CHARS.search(path):
                 root = GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0]
-                candidates = [p for p in fs.glob(path) if fs.isfile(p)]
+                listed = fs.glob(path, detail=True)
+                candidates = {p: i for p, i in listed.items() if i.get("type") == "file"}
             elif fs.isdir(path):
                 root = path.rstrip("/")
-                candidates = fs.find(path)
+                candidates = fs.find(path, detail=True)
             elif fs.isfile(path):
                 if format_of(path, fmt) is None:
                     raise ConfigError(
                         f"INPUT {spec} has an unknown extension; name it .parquet, .jsonl, .csv, .tsv or .txt, "
                         "or pass --format."
                     )
-                root, candidates = path.rsplit("/", 1)[0], [path]
+                root, candidates = path.rsplit("/", 1)[0], {path: fs.info(path)}
             else:
                 raise ConfigError(f"INPUT {spec} does not exist (no such file, folder or glob match).")
         except ConfigError:
@@ -106,7 +138,10 @@ def list_inputs(specs: tuple[str, ...], fmt: str | None, storage_options: dict[s
             if file_format is None or any(_hidden(part) for part in relative.split("/")):
                 continue
             source = to_uri(fs, candidate)
-            found.setdefault(source, InputFile(source, candidate, file_format, relative, shard_key(source)))
+            identity = file_identity(candidates[candidate])
+            found.setdefault(
+                source, InputFile(source, candidate, file_format, relative, shard_key(source), identity)
+            )
             kept += 1
         if kept == 0:
             raise ConfigError(

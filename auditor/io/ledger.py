@@ -1,24 +1,43 @@
-"""The audit ledger: one small JSON record per input file under OUTPUT/_ledger/, written after that file's outputs.
+"""The audit ledger: one small JSON record per committed or failed work unit, under OUTPUT/_ledger/. fsspec only.
 
-A record with status "done" and the run's fingerprint means the file's outputs are complete; anything else
-(no record, "failed", another fingerprint) means the file is (re)done. fsspec only.
+A unit's record is written after its part files are in place, so a "done" record always points at complete output.
+A record counts for a later run only if it matches that run: same file identity (size + ETag/mtime), same run
+fingerprint (model + options) and same unit size; anything else means the unit is redone.
+
+Layout, made for a ledger of 100k+ units that still reads in seconds:
+- `_ledger/units/<shard>-u<unit>.json`: one object per record, written as units commit;
+- `_ledger/compacted/<ns>.jsonl`: snapshots. At the end of a run every record is folded into one new snapshot and
+  the objects it covers are deleted, so the next run reads a handful of objects, not one per unit.
+Reading takes one recursive listing and one batched read; when a unit has several records the newest wins.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
-from auditor.io.storage import join, write_json
+from auditor.io.storage import is_local, join, write_json
 
 logger = logging.getLogger(__name__)
 
 LEDGER_DIR = "_ledger"
+UNITS_DIR = "units"
+COMPACTED_DIR = "compacted"
 DONE = "done"
 FAILED = "failed"
+READ_THREADS = 32
+
+UnitKey = tuple[str, int]  # (source, unit index)
+
+
+def unit_key(record: dict[str, Any]) -> UnitKey:
+    return record["source"], int(record["unit"])
 
 
 class Ledger:
@@ -26,24 +45,114 @@ class Ledger:
         self.fs = fs
         self.root = join(output_path, LEDGER_DIR)
 
-    def path_for(self, shard: str) -> str:
-        return join(self.root, f"{shard}.json")
+    def unit_path(self, shard: str, unit: int) -> str:
+        return join(self.root, UNITS_DIR, f"{shard}-u{unit:06d}.json")
 
-    def entries(self) -> dict[str, dict[str, Any]]:
-        """Every record, keyed by input source URI."""
+    # Reading ---------------------------------------------------------------------------------------------------
+    def _listing(self) -> tuple[list[str], list[str]]:
+        """(snapshot paths oldest first, unit record paths): one recursive listing of the ledger."""
         if not self.fs.exists(self.root):
-            return {}
-        paths = [p for p in self.fs.find(self.root) if p.endswith(".json") and "/_tmp-" not in p]
+            return [], []
+        snapshots, units = [], []
+        for path in self.fs.find(self.root):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(("_tmp-", ".")):
+                continue
+            if f"/{COMPACTED_DIR}/" in path and name.endswith(".jsonl"):
+                snapshots.append(path)
+            elif f"/{UNITS_DIR}/" in path and name.endswith(".json"):
+                units.append(path)
+        return sorted(snapshots), units
+
+    def _read_all(self, paths: list[str]) -> dict[str, bytes]:
         if not paths:
             return {}
-        contents = self.fs.cat(paths)  # one batched call; s3fs fetches concurrently
-        records = [json.loads(data) for data in contents.values()]
-        return {r["source"]: r for r in records}
+        if is_local(self.fs):
+            with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+                return dict(zip(paths, pool.map(self.fs.cat_file, paths), strict=True))
+        return self.fs.cat(paths)  # one batched call; remote filesystems fetch concurrently
 
-    def mark(self, record: dict[str, Any]) -> None:
-        write_json(self.fs, self.path_for(record["shard"]), record)
+    def entries(self) -> dict[UnitKey, dict[str, Any]]:
+        """The newest record of every unit, keyed by (source, unit)."""
+        snapshots, units = self._listing()
+        contents = self._read_all(snapshots + units)
+        records: list[dict[str, Any]] = []
+        for path in snapshots:
+            records.extend(json.loads(line) for line in contents[path].decode("utf-8").splitlines() if line)
+        for path in units:
+            records.append(json.loads(contents[path]))
+        newest: dict[UnitKey, dict[str, Any]] = {}
+        for record in records:
+            if "unit" not in record:  # a record of an older ledger layout (one per input file): never matches
+                continue
+            key = unit_key(record)
+            if key not in newest or record["committed_ns"] >= newest[key]["committed_ns"]:
+                newest[key] = record
+        return newest
 
-    def unmark(self, shard: str) -> None:
-        path = self.path_for(shard)
-        if self.fs.exists(path):
-            self.fs.rm(path)
+    # Writing ---------------------------------------------------------------------------------------------------
+    def mark(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Write one unit's record (adds committed_ns, which orders records of the same unit)."""
+        record = {**record, "committed_ns": time.time_ns()}
+        write_json(self.fs, self.unit_path(record["shard"], int(record["unit"])), record)
+        return record
+
+    def compact(self, keep: Callable[[dict[str, Any]], bool] = lambda record: True) -> int:
+        """Fold every record that `keep` accepts into one new snapshot; delete the objects it replaces.
+
+        Safe at any crash point: the new snapshot is in place (written under a temporary name, then moved) before
+        anything is deleted, and a unit record written after the listing is neither folded nor deleted.
+        Returns the number of records kept.
+        """
+        snapshots, units = self._listing()
+        if not snapshots and not units:
+            return 0
+        contents = self._read_all(snapshots + units)
+        newest: dict[UnitKey, dict[str, Any]] = {}
+        for path in snapshots:
+            for line in contents[path].decode("utf-8").splitlines():
+                if line:
+                    record = json.loads(line)
+                    newest[unit_key(record)] = record
+        for path in units:
+            record = json.loads(contents[path])
+            if "unit" in record:
+                key = unit_key(record)
+                if key not in newest or record["committed_ns"] >= newest[key]["committed_ns"]:
+                    newest[key] = record
+        kept = [r for r in newest.values() if keep(r)]
+        kept.sort(key=lambda r: (r["source"], r["unit"]))
+        target = join(self.root, COMPACTED_DIR, f"{time.time_ns():020d}.jsonl")
+        temporary = join(self.root, COMPACTED_DIR, f"_tmp-{target.rsplit('/', 1)[-1]}")
+        self.fs.makedirs(join(self.root, COMPACTED_DIR), exist_ok=True)
+        with self.fs.open(temporary, "wb") as fh:
+            fh.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode("utf-8"))
+        self.fs.mv(temporary, target)
+        self._remove(snapshots + units)
+        return len(kept)
+
+    def forget(self, sources: Iterable[str]) -> None:
+        """Drop every record of these sources (before their outputs are deleted, so no record outlives them)."""
+        dropped = set(sources)
+        if dropped:
+            self.compact(keep=lambda record: record["source"] not in dropped)
+
+    def _remove(self, paths: list[str]) -> None:
+        if not paths:
+            return
+        if is_local(self.fs):
+            with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+                list(pool.map(self.fs.rm_file, paths))
+        else:
+            self.fs.rm(paths)
+
+    def remove_legacy(self) -> None:
+        """Delete records of the older one-per-input-file layout (`_ledger/<shard>.json`); they never match."""
+        if not self.fs.exists(self.root):
+            return
+        legacy = [
+            p
+            for p in self.fs.ls(self.root, detail=False)
+            if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith("_tmp-")
+        ]
+        self._remove(legacy)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -130,9 +130,14 @@ def read_caption_batches(
     id_column: str | None = None,
     keep_columns: tuple[str, ...] = (),
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    row_groups: Sequence[int] | None = None,
+    first_row: int = 0,
 ) -> Iterator[pa.Table]:
     """Tables of READ_SCHEMA + keep columns. status is OK, NOT_STRING or BAD_RECORD; null/empty captions stay OK
     here (the tokenize stage names them). Raises InputDataError (or the reader's own error) if the file is unusable.
+
+    row_groups (parquet only): read just these row groups, whose first row in the file is first_row (a work unit);
+    None reads the whole file.
     """
     caption_column = TXT_COLUMN if file.format == "txt" else caption_column
     wanted = [caption_column, *([id_column] if id_column else []), *keep_columns]
@@ -140,8 +145,8 @@ def read_caption_batches(
         raise InputDataError(
             f"{file.source} is a txt file (captions only); --id-column/--keep-columns do not apply."
         )
-    start = 0
-    for table in _caption_tables(fs, file, wanted, batch_rows):
+    start = first_row
+    for table in _caption_tables(fs, file, wanted, batch_rows, row_groups):
         missing = [c for c in wanted if c not in table.column_names]
         if missing and file.format in ("parquet", "csv", "tsv"):
             raise InputDataError(
@@ -152,7 +157,11 @@ def read_caption_batches(
 
 
 def _caption_tables(
-    fs: AbstractFileSystem, file: InputFile, wanted: list[str], batch_rows: int
+    fs: AbstractFileSystem,
+    file: InputFile,
+    wanted: list[str],
+    batch_rows: int,
+    row_groups: Sequence[int] | None = None,
 ) -> Iterator[pa.Table]:
     """Raw tables with the wanted columns plus optional _status/_error columns from line-based formats."""
     if file.format == "parquet":
@@ -164,8 +173,13 @@ def _caption_tables(
                 raise InputDataError(
                     f"{file.source} has no column {', '.join(missing)}; columns are: {', '.join(names)}."
                 )
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+            groups = list(range(parquet.num_row_groups)) if row_groups is None else list(row_groups)
+            if not groups:
+                return
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted, row_groups=groups):
                 yield pa.Table.from_batches([batch])
+    elif row_groups is not None and list(row_groups):
+        raise InputDataError(f"{file.source}: row groups exist only in parquet, not in {file.format}.")
     elif file.format in ("csv", "tsv"):
         for table in _csv_batches(fs, file, wanted):
             for offset in range(0, table.num_rows, batch_rows):

@@ -1,9 +1,11 @@
-"""`run(cfg)`: plan (no Ray), start or join Ray, stream files -> tokenize -> score actors -> per-file shards.
+"""`run(cfg)`: plan (no Ray), start or join Ray, stream work units -> tokenize -> score actors -> staged on the
+workers -> committed per unit.
 
-Every input file is one Ray Data read task that streams it front to back (row numbers for ids; a corrupt file
-fails alone), the CPU stage tokenizes, an actor pool scores fixed-size batches, and the driver writes each file's
-rows to its own shard and marks it in the ledger once complete. Outputs are small next to the model work, so the
-driver is not the bottleneck, and it is the one place that knows when a file is complete.
+Every input file is one Ray Data read task that reads its pending work units in order (row numbers for ids; a
+corrupt file fails alone), the CPU stage tokenizes, an actor pool scores fixed-size batches, and a write stage
+stages the scored rows straight from the workers to the output store. The driver receives acknowledgements only
+(unit, staged file, row counts, a score histogram): when every row of a unit is staged it starts a commit task that
+moves the unit's part files into place, then records the unit in the ledger. No row passes through the driver.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,18 +26,25 @@ import ray
 
 from auditor import __version__, schema
 from auditor.config import AuditConfig
-from auditor.errors import ConfigError
-from auditor.io.inputs import InputFile
+from auditor.errors import AuditorError, ConfigError
+from auditor.histogram import EDGES, merge_counts
 from auditor.io.ledger import DONE, FAILED, Ledger
+from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, commit_unit, shard_dir
 from auditor.io.storage import filesystem_for, join, remove_tree, write_json
-from auditor.pipeline.plan import AuditPlan, plan_audit
-from auditor.pipeline.sink import FLAGGED_DIR, SCORES_DIR, AuditSink, utc_now
-from auditor.pipeline.stages import ScoreActor, read_and_tokenize
+from auditor.pipeline.commit import UnitState, UnitTracker, dense_histogram, unit_record, utc_now
+from auditor.pipeline.plan import AuditPlan, WorkItem, committed_units, plan_audit, record_matches
+from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, stage_and_acknowledge
 
 logger = logging.getLogger(__name__)
 
 AUDIT_FILE = "_audit.json"
 CPU_STAGE_MEMORY_BYTES = 512 * 2**20  # a worker with pyarrow + a tokenizer measured ~320 MiB
+# Rows per write-stage call: each call stages one file per unit it holds rows of, so this sets the staged file size.
+WRITE_BATCH_ROWS = 16_384
+WRITE_TASKS = 4
+DEFAULT_BLOCK_BYTES = 128 * 2**20  # Ray Data's own default target_max_block_size
+# A tokenized row in flight: 77 input ids + 77 mask values as int64, plus the caption and ids (~1.4 KB measured).
+TOKENIZED_ROW_BYTES = 1400
 # Environment every Ray worker of a local run gets (workers inherit the driver's; these keep logs quiet).
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -42,15 +52,17 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "fal
 @dataclass
 class AuditResult:
     output: str
-    files_done: int
+    files_done: int  # files with a unit committed by this run
     files_skipped: int
-    failed: dict[str, str]  # source -> error
+    failed: dict[str, str]  # source -> error of a failed unit of it, as the output stands now
     counts: dict[str, int]  # this run, by status, plus "flagged" and "rows"
+    units_done: int = 0
+    failed_units: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # what _audit.json holds
 
     @property
     def exit_code(self) -> int:
-        """0: every input audited; 1: some input files failed (see failed / _audit.json)."""
+        """0: every input audited; 1: some units failed (see failed / _audit.json)."""
         return 1 if self.failed else 0
 
 
@@ -129,12 +141,23 @@ def actor_runtime(cfg: AuditConfig, resources: dict[str, float]) -> dict[str, An
 
 
 # 2. Dataset ----------------------------------------------------------------------------------------------------
-def build_dataset(cfg: AuditConfig, files: list[InputFile], resources: dict[str, float]) -> ray.data.Dataset:
-    items = [dataclasses.asdict(f) for f in files]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # One CPU stage (read + validate + tokenize), then the actor pool. The CPU stage reserves memory for its read
-    # buffers; resources that differ from the actor's also keep Ray from fusing the CPU stage into the actor, where
-    # it would run serially with the model instead of beside it on another CPU.
+def block_bytes_for(unit_rows: int) -> int:
+    """Ray Data block size for this run: a quarter of a unit of tokenized rows (capped at Ray's default).
+
+    Ray buffers a task's output until a block is full, so with blocks larger than a unit the rows of a unit, and
+    with it the unit's commit, would wait for later units of the same file (with Ray's 128 MiB default, a whole
+    file of up to ~90k rows). A quarter of a unit keeps units flowing, and commits coming, while a file is read.
+    """
+    return int(min(DEFAULT_BLOCK_BYTES, max(1, unit_rows // 4) * TOKENIZED_ROW_BYTES))
+
+
+def build_dataset(cfg: AuditConfig, items: list[WorkItem], resources: dict[str, float]) -> ray.data.Dataset:
+    ray.data.DataContext.get_current().target_max_block_size = block_bytes_for(cfg.unit_rows)
+    rows = [{**dataclasses.asdict(item.file), DONE_UNITS: sorted(item.done_units)} for item in items]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # One CPU stage (read + validate + tokenize), then the actor pool, then the write stage. The CPU stage reserves
+    # memory for its read buffers; resources that differ from the actor's also keep Ray from fusing the CPU stage
+    # into the actor, where it would run serially with the model instead of beside it on another CPU.
     ds = ds.map_batches(
         read_and_tokenize,
         batch_size=1,
@@ -143,7 +166,7 @@ def build_dataset(cfg: AuditConfig, files: list[InputFile], resources: dict[str,
         num_cpus=1,
         memory=CPU_STAGE_MEMORY_BYTES,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         ScoreActor,
         fn_constructor_kwargs={"cfg": cfg},
         batch_size=cfg.batch_size,
@@ -152,9 +175,121 @@ def build_dataset(cfg: AuditConfig, files: list[InputFile], resources: dict[str,
         udf_modifying_row_count=False,
         **resources,
     )
+    # Writing is I/O on rows that are already in the worker's object store: it asks for no CPU so that it can never
+    # be starved by the readers (which would stall the actors behind it), and a bounded pool keeps it from
+    # flooding the store with small files.
+    return ds.map_batches(
+        stage_and_acknowledge,
+        batch_size=min(WRITE_BATCH_ROWS, cfg.unit_rows),
+        batch_format="pyarrow",
+        fn_kwargs={"cfg": cfg},
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS),
+    )
 
 
-# 3. Run --------------------------------------------------------------------------------------------------------
+# 3. Commit -----------------------------------------------------------------------------------------------------
+def commit_staged_unit(
+    output: str, storage_options: dict[str, Any], shard: str, unit: int, staged: list[str], explain: bool
+) -> dict[str, Any]:
+    """Runs as a Ray task next to the data: merge one unit's staged files into its part files."""
+    fs, output_path = filesystem_for(output, storage_options)
+    return commit_unit(fs, output_path, shard, unit, staged, schema.flagged_schema(explain))
+
+
+class UnitCommitter:
+    """Turns ready units into ledger records: a commit task per complete unit, a failed record per broken one.
+
+    The ledger record is written only after the commit task has moved the unit's parts into place.
+    """
+
+    def __init__(self, cfg: AuditConfig, plan: AuditPlan, ledger: Ledger):
+        self.cfg = cfg
+        self.plan = plan
+        self.ledger = ledger
+        self.identities = {item.file.source: item.file.identity for item in plan.pending}
+        self.in_flight: dict[ray.ObjectRef, UnitState] = {}
+        self.committed: list[dict[str, Any]] = []
+        self.failed: list[dict[str, Any]] = []
+        self.remote = ray.remote(num_cpus=0, max_retries=0)(commit_staged_unit)
+        self.last_commit = time.monotonic()
+
+    def submit(self, ready: list[UnitState]) -> None:
+        for state in ready:
+            if state.error is not None:
+                self._record(state, FAILED, None)
+                continue
+            ref = self.remote.remote(
+                self.cfg.output, self.cfg.storage_options, state.shard, state.unit, state.staged,
+                self.cfg.explain_flagged,
+            )  # fmt: skip
+            self.in_flight[ref] = state
+
+    def poll(self, wait: bool = False) -> None:
+        """Record the commit tasks that have finished (all of them when wait)."""
+        if not self.in_flight:
+            return
+        refs = list(self.in_flight)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+        for ref in done:
+            state = self.in_flight.pop(ref)
+            try:
+                parts = ray.get(ref)
+            except Exception as exc:  # the unit is redone by the next run; the others go on
+                state.error = f"commit failed: {type(exc).__name__}: {exc}"
+                self._record(state, FAILED, None)
+            else:
+                self._record(state, DONE, parts)
+
+    def _record(self, state: UnitState, status: str, parts: dict[str, Any] | None) -> None:
+        record = unit_record(
+            state, self.identities[state.source], self.plan.fingerprint, self.cfg.unit_rows, status, parts
+        )
+        record = self.ledger.mark(record)
+        if status == DONE:
+            self.committed.append(record)
+            self.last_commit = time.monotonic()
+            logger.debug("committed %s unit %d: %d rows", state.source, state.unit, state.received)
+        else:
+            self.failed.append(record)
+            logger.warning("input %s unit %d failed: %s", state.source, state.unit, state.error)
+
+
+# 4. Run --------------------------------------------------------------------------------------------------------
+def prepare_output(fs: Any, output_path: str, ledger: Ledger, plan: AuditPlan, cfg: AuditConfig) -> None:
+    """Before any new row is written: record files that cannot be read, drop records of files redone whole and
+    remove their old outputs (records first, so the ledger never points at deleted outputs), clear staging.
+    """
+    for source, error in plan.unreadable.items():
+        file = next(f for f in plan.files if f.source == source)
+        ledger.mark(
+            {"source": source, "shard": file.shard, "unit": 0, "first_row": 0, "rows": 0, "file_units": None,
+             "identity": file.identity, "fingerprint": plan.fingerprint, "unit_rows": cfg.unit_rows,
+             "status": FAILED, "counts": {}, "histogram": {}, "parts": None, "error": error,
+             "finished_at": utc_now()}
+        )  # fmt: skip
+    if cfg.force:
+        ledger.forget(f.source for f in plan.fresh)
+    with_output = existing_shards(fs, join(output_path, SCORES_DIR)) | existing_shards(
+        fs, join(output_path, FLAGGED_DIR)
+    )
+    for file in plan.fresh:
+        if file.shard in with_output:
+            remove_tree(fs, shard_dir(join(output_path, SCORES_DIR), file.shard))
+            remove_tree(fs, shard_dir(join(output_path, FLAGGED_DIR), file.shard))
+    remove_tree(fs, join(output_path, STAGING_DIR))
+    ledger.remove_legacy()
+
+
+def existing_shards(fs: Any, root: str) -> set[str]:
+    """Partition values present under root: one listing."""
+    if not fs.exists(root):
+        return set()
+    prefix = f"{schema.SHARD}="
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    return {n[len(prefix) :] for n in names if n.startswith(prefix)}
+
+
 def run(cfg: AuditConfig) -> AuditResult:
     started_at = utc_now()
     # 1. Check inputs, columns, threshold and model before Ray starts.
@@ -164,55 +299,70 @@ def run(cfg: AuditConfig) -> AuditResult:
     ledger = Ledger(fs, output_path)
     if (cfg.address or os.environ.get("RAY_ADDRESS")) is None and cfg.num_cpus is not None and plan.pending:
         check_cpus(cfg, cfg.num_cpus)
-    for source, error in plan.unreadable.items():
-        file = next(f for f in plan.files if f.source == source)
-        ledger.mark(
-            {"source": source, "shard": file.shard, "status": FAILED, "fingerprint": plan.fingerprint,
-             "rows": 0, "counts": {}, "error": error, "finished_at": utc_now()}
-        )  # fmt: skip
-    # 2. Clear what a killed run may have left of the files to redo: unmark first, so the ledger never points at
-    #    deleted outputs.
-    for file in plan.pending:
-        ledger.unmark(file.shard)
-        remove_tree(fs, join(output_path, SCORES_DIR, f"shard={file.shard}"))
-        remove_tree(fs, join(output_path, FLAGGED_DIR, f"shard={file.shard}"))
-    sink = AuditSink(fs, output_path, ledger, plan.pending, plan.fingerprint, cfg.explain_flagged)
+    # 2. Clear what a killed run or an earlier version of a file left behind.
+    step = time.perf_counter()
+    prepare_output(fs, output_path, ledger, plan, cfg)
+    timings["prepare_output"] = time.perf_counter() - step
+    tracker = UnitTracker()
+    committer: UnitCommitter | None = None
     ray_stats = ""
     runtime: dict[str, Any] = {}
+    error: BaseException | None = None
     if plan.pending:
-        # 3. Ray and the streaming pipeline.
+        # 3. Ray and the streaming pipeline; the driver sees acknowledgements only.
         step = time.perf_counter()
         init_ray(cfg.address, cfg.num_cpus, cfg.quiet)
         resources = actor_resources(cfg, local=cfg.address is None and not os.environ.get("RAY_ADDRESS"))
         runtime = actor_runtime(cfg, resources)
-        actor_runtimes: set[bytes] = set()
         timings["ray_init"] = time.perf_counter() - step
         step = time.perf_counter()
+        committer = UnitCommitter(cfg, plan, ledger)
+        # A small run hands the write stage fewer inputs than its pool size; Ray warns about it on every run.
+        warnings.filterwarnings(
+            "ignore", message="The maximum number of concurrent tasks", category=UserWarning
+        )
         ds = build_dataset(cfg, plan.pending, resources)
         try:
-            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                metadata = table.schema.metadata or {}
-                if schema.ACTOR_RUNTIME_KEY in metadata:
-                    actor_runtimes.add(metadata[schema.ACTOR_RUNTIME_KEY])
-                    table = table.replace_schema_metadata(None)
-                sink.consume(table)
+            for acks in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                committer.submit(tracker.consume(acks))
+                committer.poll()
+        except BaseException as exc:  # summarize what was committed, then re-raise
+            error = exc
         finally:
-            sink.close()
+            committer.poll(wait=True)
+        if error is None:
+            # Nothing is in flight now: what staging still holds belongs to failed units or to task attempts
+            # that Ray retried (their rows were acknowledged from the retry), never to a committed unit.
+            remove_tree(fs, join(output_path, STAGING_DIR))
         # Distinct runtimes: identical actors on identical machines collapse into one entry.
-        runtime["actors"] = [json.loads(raw) for raw in sorted(actor_runtimes)]
+        runtime["actors"] = [json.loads(raw) for raw in sorted(tracker.runtimes)]
         timings["pipeline"] = time.perf_counter() - step
-        timings["driver_write"] = sink.write_s
-        ray_stats = ds.stats()
-    # 4. Summary next to the results.
-    result = summarize(cfg, plan, sink, ledger, timings, ray_stats, started_at, runtime)
+        ray_stats = ds.stats() if error is None else ""
+    # 4. Fold the ledger into one snapshot (drop records of changed files), then the summary next to the results.
+    step = time.perf_counter()
+    current = {f.source: f for f in plan.files}
+
+    ledger.compact(
+        keep=lambda r: (
+            r["source"] not in current
+            or record_matches(r, current[r["source"]], plan.fingerprint, cfg.unit_rows)
+        )
+    )
+    timings["compact_ledger"] = time.perf_counter() - step
+    result = summarize(cfg, plan, committer, tracker, ledger, timings, ray_stats, started_at, runtime)
     write_json(fs, join(output_path, AUDIT_FILE), result.summary)
     logger.info(
-        "audit done: %d files audited, %d skipped, %d failed; %s",
-        result.files_done,
+        "audit done: %d units committed, %d files skipped, %d units failed; %s",
+        result.units_done,
         result.files_skipped,
-        len(result.failed),
+        len(result.failed_units),
         result.counts,
     )
+    if error is not None:
+        raise AuditorError(
+            f"the audit stopped before every unit was committed ({type(error).__name__}: {error}). "
+            f"{result.units_done} units were committed and are kept; rerun the same command to audit the rest."
+        ) from error
     return result
 
 
@@ -236,27 +386,53 @@ def versions() -> dict[str, str]:
 def summarize(
     cfg: AuditConfig,
     plan: AuditPlan,
-    sink: AuditSink,
+    committer: UnitCommitter | None,
+    tracker: UnitTracker,
     ledger: Ledger,
     timings: dict[str, float],
     ray_stats: str,
     started_at: str,
     runtime: dict[str, Any],
 ) -> AuditResult:
+    committed = committer.committed if committer else []
+    failed_now = committer.failed if committer else []
     run_counts: Counter = Counter()
-    for record in sink.finished.values():
+    for record in committed:
         run_counts.update(record["counts"])
         run_counts["rows"] += record["rows"]
-    failed = {s: r["error"] for s, r in sink.finished.items() if r["status"] == FAILED}
-    failed.update(plan.unreadable)
-    sources = {f.source for f in plan.files}
-    records = {s: r for s, r in ledger.entries().items() if s in sources}
+    # What the output holds for this run's inputs, from the ledger as it is now (one read of the snapshot).
+    current = {f.source: f for f in plan.files}
+    records = [
+        r
+        for r in ledger.entries().values()
+        if r["source"] in current and record_matches(r, current[r["source"]], plan.fingerprint, cfg.unit_rows)
+    ]
+    done_records = [r for r in records if r["status"] == DONE]
     total: Counter = Counter()
-    for record in records.values():
-        if record["status"] == DONE:
-            total.update(record["counts"])
-            total["rows"] += record["rows"]
-    done = sum(1 for r in sink.finished.values() if r["status"] == DONE)
+    for record in done_records:
+        total.update(record["counts"])
+        total["rows"] += record["rows"]
+    histogram = merge_counts(dense_histogram(r.get("histogram")) for r in done_records)
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_source.setdefault(record["source"], []).append(record)
+    complete_files = 0
+    for file_records in by_source.values():
+        done, file_units = committed_units(file_records)
+        complete_files += file_units is not None and done == frozenset(range(file_units))
+    failed_units = sorted(
+        (
+            {"source": r["source"], "unit": r["unit"], "error": r["error"]}
+            for r in records
+            if r["status"] == FAILED
+        ),
+        key=lambda f: (f["source"], f["unit"]),
+    )
+    failed_sources = {f["source"]: f["error"] for f in failed_units}
+    unfinished = [
+        {"source": s.source, "unit": s.unit, "rows_staged": s.received} for s in tracker.unfinished()
+    ]
+    files_done = len({r["source"] for r in committed})
     summary = {
         "auditor_version": __version__,
         "started_at": started_at,
@@ -266,19 +442,43 @@ def summarize(
         "run_fingerprint": plan.fingerprint,
         "threshold": plan.threshold.value,
         "threshold_origin": plan.threshold.origin,
-        "partitioning": {"style": "hive", "column": "shard", "meaning": "one value per input file"},
+        "partitioning": {"style": "hive", "column": schema.SHARD, "meaning": "one value per input file"},
+        "layout": {
+            "scores": f"{SCORES_DIR}/{schema.SHARD}=<file-key>/part-u<unit>.parquet: every row of one work unit",
+            "flagged": f"{FLAGGED_DIR}/{schema.SHARD}=<file-key>/part-u<unit>.parquet: its flagged rows",
+            "work_unit": f"whole parquet row groups, at most {cfg.unit_rows} rows; a text file is one unit",
+            "ledger": "_ledger/: one record per committed or failed unit (file identity, fingerprint, counts)",
+        },
         "files": {
             "inputs": len(plan.files),
-            "audited_this_run": done,
+            "audited_this_run": files_done,
             "skipped_complete": len(plan.skipped),
-            "failed": [{"source": s, "error": e} for s, e in sorted(failed.items())],
-            "complete_in_output": sum(1 for r in records.values() if r["status"] == DONE),
+            "failed": [{"source": s, "error": e} for s, e in sorted(failed_sources.items())],
+            "complete_in_output": complete_files,
+        },
+        "units": {
+            "committed_this_run": len(committed),
+            "failed_this_run": len(failed_now),
+            "done_in_output": len(done_records),
+            "failed": failed_units,
+            "unfinished_this_run": unfinished,
         },
         "counts": {"this_run": dict(run_counts), "output_total": dict(total)},
+        "score_histogram": {"edges": EDGES.tolist(), "counts": histogram},
+        "driver": {"acknowledgements": tracker.acks, "acknowledgement_bytes": tracker.ack_bytes},
         "runtime": runtime,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "ray_stats": ray_stats,
         "versions": versions(),
         "argv": sys.argv,
     }
-    return AuditResult(cfg.output, done, len(plan.skipped), failed, dict(run_counts), summary)
+    return AuditResult(
+        cfg.output,
+        files_done=files_done,
+        files_skipped=len(plan.skipped),
+        failed=failed_sources,
+        counts=dict(run_counts),
+        units_done=len(committed),
+        failed_units=failed_units,
+        summary=summary,
+    )

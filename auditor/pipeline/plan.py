@@ -37,6 +37,8 @@ RESULT_FIELDS = (
     "explain_flagged",
 )
 PEEK_THREADS = 16
+# Files whose columns the driver reads before Ray starts (footers or first lines): enough to catch a typo.
+COLUMN_CHECK_FILES = 8
 # Column names that usually hold captions, suggested when --caption-column is not found.
 CAPTION_NAMES = ("caption", "captions", "text", "prompt", "alt", "alt_text", "description")
 
@@ -49,15 +51,26 @@ class ThresholdChoice:
     origin: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """One input file to read, and the indices of its units that are already committed (skipped by the reader)."""
+
+    file: InputFile
+    done_units: frozenset[int] = frozenset()
+
+
 @dataclass
 class AuditPlan:
     files: list[InputFile]
-    pending: list[InputFile]
-    skipped: list[InputFile]
+    pending: list[WorkItem]
+    skipped: list[InputFile]  # complete in the ledger
+    fresh: list[InputFile]  # pending with no valid committed unit: old outputs are removed before the redo
     unreadable: dict[str, str]  # source -> error, found before Ray starts
     threshold: ThresholdChoice
     model_fingerprint: str
     fingerprint: str
+    records: dict[str, list[dict[str, Any]]]  # source -> its ledger records valid for this run
+    stale_sources: set[str]  # sources in the ledger whose records no longer match (changed file or options)
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -100,9 +113,14 @@ def run_fingerprint(cfg: AuditConfig, model_fingerprint: str, threshold: Thresho
 
 
 def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
-    """Peek every file's columns. Returns {source: error} for files that cannot be used; raises ConfigError when a
-    requested column is missing from every readable file (a typo, not a bad file).
+    """Peek the columns of a bounded sample of the files (COLUMN_CHECK_FILES, spread over the list), so a typo fails
+    in seconds however many files there are. Returns {source: error} for sampled files that cannot be used; raises
+    ConfigError when a requested column is missing from every readable sampled file (a typo, not a bad file).
+    Any other file that lacks a column fails alone, as a failed unit, when the pipeline reads it.
     """
+    if len(files) > COLUMN_CHECK_FILES:
+        step = len(files) / COLUMN_CHECK_FILES
+        files = [files[int(i * step)] for i in range(COLUMN_CHECK_FILES)]
 
     def peek(file: InputFile) -> list[str] | str:
         fs, _ = filesystem_for(file.source, cfg.storage_options)
@@ -143,6 +161,63 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
     return unreadable
 
 
+def record_matches(record: dict[str, Any], file: InputFile, fingerprint: str, unit_rows: int) -> bool:
+    """A ledger record counts for this run only for the same file content, model + options and unit size."""
+    return (
+        record.get("identity") == file.identity
+        and record.get("fingerprint") == fingerprint
+        and record.get("unit_rows") == unit_rows
+    )
+
+
+def committed_units(records: list[dict[str, Any]]) -> tuple[frozenset[int], int | None]:
+    """(indices of done units, the file's unit count if a record knows it)."""
+    done = frozenset(r["unit"] for r in records if r["status"] == ledger_mod.DONE)
+    counts = {r["file_units"] for r in records if r.get("file_units")}
+    return done, (max(counts) if counts else None)
+
+
+def diff_against_ledger(
+    files: list[InputFile],
+    entries: dict[tuple[str, int], dict[str, Any]],
+    fingerprint: str,
+    unit_rows: int,
+    force: bool,
+) -> tuple[list[WorkItem], list[InputFile], list[InputFile], dict[str, list[dict[str, Any]]], set[str]]:
+    """(pending, skipped, fresh, valid records by source, stale sources) in one pass over files and records.
+
+    A file is skipped when every one of its units has a matching done record; pending with its done units
+    otherwise. `fresh` lists pending files with no matching done record: they are redone whole, so outputs of an
+    earlier version of the file (another unit cut, rows since removed) must go first.
+    """
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for (source, _), record in entries.items():
+        by_source.setdefault(source, []).append(record)
+    pending: list[WorkItem] = []
+    skipped: list[InputFile] = []
+    fresh: list[InputFile] = []
+    valid: dict[str, list[dict[str, Any]]] = {}
+    stale: set[str] = set()
+    for file in files:
+        records = by_source.get(file.source, [])
+        matching = [r for r in records if record_matches(r, file, fingerprint, unit_rows)]
+        if len(matching) < len(records):
+            stale.add(file.source)
+        if force:
+            pending.append(WorkItem(file))
+            fresh.append(file)
+            continue
+        valid[file.source] = matching
+        done, file_units = committed_units(matching)
+        if file_units is not None and done == frozenset(range(file_units)):
+            skipped.append(file)
+            continue
+        pending.append(WorkItem(file, done))
+        if not done:
+            fresh.append(file)
+    return pending, skipped, fresh, valid, stale
+
+
 def plan_audit(cfg: AuditConfig) -> AuditPlan:
     from auditor.scoring.loading import check_model_dir, fingerprint_model, resolve_model_dir
 
@@ -152,17 +227,19 @@ def plan_audit(cfg: AuditConfig) -> AuditPlan:
     threshold = resolve_threshold(cfg)
     if cfg.explain_flagged:
         load_explain()
-    # 2. Inputs and what the ledger already holds.
+    # 2. Inputs (one listing, identities included) and what the ledger already holds.
     files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options)
+    timings["list_inputs"] = time.perf_counter() - started
+    started = time.perf_counter()
     out_fs, out_path = filesystem_for(cfg.output, cfg.storage_options)
     try:
-        records = ledger_mod.Ledger(out_fs, out_path).entries()
+        entries = ledger_mod.Ledger(out_fs, out_path).entries()
     except Exception as exc:
         raise ConfigError(
             f"cannot read the ledger under OUTPUT {cfg.output} ({type(exc).__name__}: {exc}); check the path, "
             "the endpoint and credentials."
         ) from exc
-    timings["list_inputs"] = time.perf_counter() - started
+    timings["read_ledger"] = time.perf_counter() - started
     # 3. The model: local copy, layout check and fingerprint (hashing weights takes seconds for SD-sized models).
     started = time.perf_counter()
     root = resolve_model_dir(cfg.model, cfg.storage_options)
@@ -170,31 +247,34 @@ def plan_audit(cfg: AuditConfig) -> AuditPlan:
     model_fingerprint = fingerprint_model(root)
     fingerprint = run_fingerprint(cfg, model_fingerprint, threshold)
     timings["model_fingerprint"] = time.perf_counter() - started
-
-    def complete(file: InputFile) -> bool:
-        record = records.get(file.source)
-        return bool(record) and record["status"] == ledger_mod.DONE and record["fingerprint"] == fingerprint
-
-    pending = [f for f in files if cfg.force or not complete(f)]
-    skipped = [f for f in files if f not in pending]
-    # 4. Columns of the files that will be read.
+    # 4. What to do, file by file and unit by unit.
     started = time.perf_counter()
-    unreadable = check_columns(cfg, pending) if pending else {}
+    pending, skipped, fresh, valid, stale = diff_against_ledger(
+        files, entries, fingerprint, cfg.unit_rows, cfg.force
+    )
+    timings["diff_ledger"] = time.perf_counter() - started
+    # 5. Columns of a sample of the files that will be read.
+    started = time.perf_counter()
+    unreadable = check_columns(cfg, [item.file for item in pending]) if pending else {}
     timings["check_columns"] = time.perf_counter() - started
     logger.info(
-        "%d input files: %d to audit, %d already complete, %d unreadable",
+        "%d input files: %d to audit (%d resumed), %d already complete, %d unreadable",
         len(files),
         len(pending) - len(unreadable),
+        sum(1 for item in pending if item.done_units),
         len(skipped),
         len(unreadable),
     )
     return AuditPlan(
         files=files,
-        pending=[f for f in pending if f.source not in unreadable],
+        pending=[item for item in pending if item.file.source not in unreadable],
         skipped=skipped,
+        fresh=fresh,
         unreadable=unreadable,
         threshold=threshold,
         model_fingerprint=model_fingerprint,
         fingerprint=fingerprint,
+        records=valid,
+        stale_sources=stale,
         timings_s=timings,
     )

@@ -1,4 +1,5 @@
-"""The pipeline's steps as Ray Data UDFs: read one input file, tokenize on CPU, score in an actor.
+"""The pipeline's steps as Ray Data UDFs: read an input file's pending units, tokenize on CPU, score in an actor,
+stage the scored rows on the worker and acknowledge them.
 
 Each is plain Python over pyarrow tables, so a test can call it without Ray: `ScoreActor(cfg)(table)`.
 """
@@ -10,7 +11,7 @@ import json
 import logging
 import socket
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,9 +21,12 @@ import pyarrow.compute as pc
 
 from auditor import schema
 from auditor.config import AuditConfig
-from auditor.io.inputs import InputFile
+from auditor.histogram import count_scores
+from auditor.io.inputs import InputFile, shard_key
+from auditor.io.parquet import stage_rows
 from auditor.io.readers import DEFAULT_BATCH_ROWS, read_caption_batches
 from auditor.io.storage import filesystem_for
+from auditor.io.units import WorkUnit, units_of
 from auditor.pipeline.plan import load_explain, resolve_threshold
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table, tokenized_from_table
 from auditor.scoring.scorer import TokenizedCaptions
@@ -31,56 +35,88 @@ logger = logging.getLogger(__name__)
 
 # Scores remembered per actor across batches (20-byte key + a float each: ~10 MB at this size).
 SCORE_CACHE_ROWS = 100_000
+# Work item field next to the InputFile fields: indices of the file's units already committed.
+DONE_UNITS = "done_units"
 
 
 # 1. Read -----------------------------------------------------------------------------------------------------------
-def control_table(
-    file: InputFile, status: str, row: int, error: str | None, keep_columns: tuple[str, ...]
+def with_unit_columns(
+    table: pa.Table, unit: int, unit_rows: int | None = None, file_units: int | None = None
 ) -> pa.Table:
-    """One control row (END_OF_FILE or READ_ERROR) with the read schema; keep columns are null."""
+    """Append the internal unit columns: the unit on every row; its size and the file's unit count when given."""
+    n = table.num_rows
+    unit_field, rows_field, count_field = schema.UNIT_FIELDS
+    return (
+        table.append_column(unit_field, pa.array([unit] * n, pa.int32()))
+        .append_column(rows_field, pa.array([unit_rows] * n, pa.int64()))
+        .append_column(count_field, pa.array([file_units] * n, pa.int32()))
+    )
+
+
+def control_table(
+    file: InputFile, status: str, unit: WorkUnit, rows: int, error: str | None, keep_columns: tuple[str, ...]
+) -> pa.Table:
+    """One control row (END_OF_UNIT with the unit's row count, or READ_ERROR) in the read schema + unit columns."""
     columns: dict[str, pa.Array] = {
         schema.ID: pa.array([""], pa.string()),
         schema.CAPTION: pa.nulls(1, pa.string()),
         schema.SOURCE: pa.array([file.source], pa.string()),
-        schema.ROW: pa.array([row], pa.int64()),
+        schema.ROW: pa.array([unit.first_row], pa.int64()),
         schema.STATUS: pa.array([status], pa.string()),
         schema.ERROR: pa.array([error], pa.string()),
     }
     for name in keep_columns:
         columns[name] = pa.nulls(1)
-    return pa.table(columns)
+    return with_unit_columns(pa.table(columns), unit.index, rows, unit.file_units)
 
 
-def read_file_rows(
-    cfg: AuditConfig, file: InputFile, batch_rows: int = DEFAULT_BATCH_ROWS
+def read_unit_rows(
+    cfg: AuditConfig,
+    file: InputFile,
+    done_units: frozenset[int] = frozenset(),
+    batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> Iterator[pa.Table]:
-    """A file's rows, then one END_OF_FILE control row with the row count, or READ_ERROR if it broke on the way.
+    """Every unit of the file not in done_units: its rows, then one END_OF_UNIT control row with its row count, or
+    a READ_ERROR row for the unit where the file broke (later units are left for the next run).
 
     The broad except is the file boundary: a corrupt file is reported downstream, never raised out of the task.
     """
+    unit = WorkUnit(index=0, file_units=1, first_row=0, rows=None)
     rows = 0
     try:
         fs, _ = filesystem_for(file.source, cfg.storage_options)
-        for table in read_caption_batches(
-            fs, file, cfg.caption_column, cfg.id_column, cfg.keep_columns, batch_rows=batch_rows
-        ):
-            rows += table.num_rows
-            yield table
+        for unit in units_of(fs, file, cfg.unit_rows):
+            if unit.index in done_units:
+                continue
+            rows = 0
+            for table in read_caption_batches(
+                fs,
+                file,
+                cfg.caption_column,
+                cfg.id_column,
+                cfg.keep_columns,
+                batch_rows=batch_rows,
+                row_groups=unit.row_groups if file.format == "parquet" else None,
+                first_row=unit.first_row,
+            ):
+                rows += table.num_rows
+                yield with_unit_columns(table, unit.index)
+            yield control_table(file, schema.END_OF_UNIT, unit, rows, None, cfg.keep_columns)
     except Exception as exc:
-        logger.warning("input %s failed after %d rows: %s", file.source, rows, exc)
-        yield control_table(file, schema.READ_ERROR, rows, f"{type(exc).__name__}: {exc}", cfg.keep_columns)
-        return
-    yield control_table(file, schema.END_OF_FILE, rows, None, cfg.keep_columns)
+        logger.warning("input %s unit %d failed after %d rows: %s", file.source, unit.index, rows, exc)
+        error = f"{type(exc).__name__}: {exc}"
+        yield control_table(file, schema.READ_ERROR, unit, rows, error, cfg.keep_columns)
 
 
 # 2. Read + tokenize: the CPU stage ------------------------------------------------------------------------------
 def read_and_tokenize(
     batch: pa.Table, cfg: AuditConfig, batch_rows: int = DEFAULT_BATCH_ROWS
 ) -> Iterator[pa.Table]:
-    """Ray Data UDF over a table of InputFile rows (one file per call in the pipeline): tokenized row tables."""
+    """Ray Data UDF over work items (one input file per call: its InputFile fields + done_units): tokenized rows."""
     tokenizer = CaptionTokenizer.from_model(cfg.model, cfg.storage_options)
     for item in batch.to_pylist():
-        for table in read_file_rows(cfg, InputFile(**item), batch_rows):
+        done_units = frozenset(item.pop(DONE_UNITS) or ())
+        for table in read_unit_rows(cfg, InputFile(**item), done_units, batch_rows):
             yield tokenize_table(table, tokenizer)
 
 
@@ -201,6 +237,78 @@ class ScoreActor:
         )
 
 
-def status_counts(table: pa.Table) -> dict[str, int]:
-    counts = pc.value_counts(table.column(schema.STATUS)).to_pylist() if table.num_rows else []
-    return {c["values"]: int(c["counts"]) for c in counts}
+# 4. Stage and acknowledge: the write stage ----------------------------------------------------------------------
+ACK_ROWS = "rows"  # rows of one unit staged in one file
+ACK_END = "end"  # the unit's END_OF_UNIT: its size and its file's unit count
+ACK_ERROR = "error"  # the unit's READ_ERROR
+ACK_SCHEMA = pa.schema(
+    [
+        pa.field("kind", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("unit", pa.int32()),
+        pa.field("rows", pa.int64()),  # staged rows (rows), the unit's row count (end), rows before the error
+        pa.field("first_row", pa.int64()),
+        pa.field("file_units", pa.int32()),
+        pa.field("staged", pa.string()),
+        pa.field("counts", pa.string()),  # JSON {status: n, "flagged": n}
+        pa.field("histogram", pa.string()),  # JSON {bin: n}, bins of auditor.histogram, nonzero bins only
+        pa.field("error", pa.string()),
+        pa.field("runtime", pa.string()),  # the score actor's runtime JSON, when the batch carried it
+    ]
+)
+
+
+def stage_and_acknowledge(batch: pa.Table, cfg: AuditConfig) -> pa.Table:
+    """Ray Data UDF after the score actors: write each unit's rows of the batch to the staging area (on this
+    worker, straight to the output store) and return only acknowledgements (ACK_SCHEMA), a few hundred bytes per
+    unit and batch, for the driver to commit units by.
+    """
+    fs, output_path = filesystem_for(cfg.output, cfg.storage_options)
+    runtime = (batch.schema.metadata or {}).get(schema.ACTOR_RUNTIME_KEY)
+    batch = batch.replace_schema_metadata(None)
+    acks: list[dict[str, Any]] = []
+    control = pc.is_in(batch.column(schema.STATUS), pa.array(schema.CONTROL_STATUSES))
+    for row in batch.filter(control).to_pylist():
+        end = row[schema.STATUS] == schema.END_OF_UNIT
+        acks.append(
+            {
+                "kind": ACK_END if end else ACK_ERROR,
+                "source": row[schema.SOURCE],
+                "shard": shard_key(row[schema.SOURCE]),
+                "unit": row[schema.UNIT],
+                "rows": row[schema.UNIT_ROWS],
+                "first_row": row[schema.ROW],
+                "file_units": row[schema.FILE_UNITS],
+                "error": row[schema.ERROR],
+            }
+        )
+    data = batch.filter(pc.invert(control))
+    groups: dict[tuple[str, int], list[int]] = {}
+    for index, key in enumerate(
+        zip(data.column(schema.SOURCE).to_pylist(), data.column(schema.UNIT).to_pylist(), strict=True)
+    ):
+        groups.setdefault(key, []).append(index)
+    for (source, unit), indices in groups.items():
+        rows = data.take(pa.array(indices, pa.int64()))
+        shard = shard_key(source)
+        counts = Counter(rows.column(schema.STATUS).to_pylist())
+        flagged = rows.column(schema.FLAGGED)
+        counts["flagged"] = int(pc.sum(flagged).as_py() or 0)
+        scores = rows.column(schema.SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
+        histogram = {i: n for i, n in enumerate(count_scores(scores)) if n}
+        acks.append(
+            {
+                "kind": ACK_ROWS,
+                "source": source,
+                "shard": shard,
+                "unit": unit,
+                "rows": rows.num_rows,
+                "staged": stage_rows(fs, output_path, shard, unit, rows),
+                "counts": json.dumps(dict(counts)),
+                "histogram": json.dumps(histogram),
+            }
+        )
+    if acks and runtime is not None:
+        acks[0]["runtime"] = runtime.decode()
+    return pa.Table.from_pylist(acks, schema=ACK_SCHEMA)

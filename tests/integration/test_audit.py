@@ -29,9 +29,27 @@ def read_scores(output: Path) -> pa.Table:
 
 
 def ledger(output: Path) -> dict[str, dict]:
-    folder = output / "_ledger"
-    records = [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.exists() else []
-    return {Path(r["source"]).name: r for r in records}
+    """Per input file name: {"status": done (every unit committed) | failed (a unit failed) | partial, "units": n}."""
+    import fsspec
+
+    from auditor.io.ledger import Ledger
+
+    by_file: dict[str, list[dict]] = {}
+    for record in Ledger(fsspec.filesystem("file"), str(output)).entries().values():
+        by_file.setdefault(Path(record["source"]).name, []).append(record)
+    summary = {}
+    for name, records in by_file.items():
+        done = {r["unit"] for r in records if r["status"] == DONE}
+        total = max((r["file_units"] or 0) for r in records)
+        status = (
+            FAILED
+            if any(r["status"] == FAILED for r in records)
+            else DONE
+            if done == set(range(total)) and total
+            else "partial"
+        )
+        summary[name] = {"status": status, "units": len(done)}
+    return summary
 
 
 def assert_exactly_once(scores: pa.Table, expected_rows: dict[str, int]) -> None:
@@ -220,8 +238,10 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_mo
             pa.table({"caption": captions(f"file {i} shows a", n_rows)}),
             tmp_path / "in" / f"p{i:02d}.parquet",
         )
+    # Units of 8 rows (each file is one row group, so one unit): the write stage then stages every 8 rows, and
+    # files commit one by one instead of all together at the end of this small corpus.
     args = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model_dir), "--generations", "4",
-            "--batch-size", "4", "--num-cpus", "2", "--dtype", "fp32", "--quiet"]  # fmt: skip
+            "--batch-size", "4", "--num-cpus", "2", "--dtype", "fp32", "--quiet", "--unit-rows", "8"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(
@@ -246,6 +266,7 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_mo
     assert result.files_skipped == done_before and result.files_done == n_files - done_before
     assert_exactly_once(read_scores(tmp_path / "out"), {f"p{i:02d}.parquet": n_rows for i in range(n_files)})
     assert not list((tmp_path / "out").rglob("_tmp-*"))
+    assert not list((tmp_path / "out" / "_staging").rglob("*.parquet"))
 
 
 def test_actors_that_would_starve_readers_fail_before_ray(tmp_path, tiny_model_dir):

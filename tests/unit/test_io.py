@@ -13,7 +13,8 @@ from auditor import schema
 from auditor.errors import ConfigError, InputDataError
 from auditor.io.inputs import InputFile, list_inputs, peek_columns, shard_key
 from auditor.io.ledger import DONE, Ledger
-from auditor.io.parquet import ShardWriter, read_shard
+from auditor.io.parquet import commit_unit, read_shard, stage_rows
+from auditor.io.units import cut_row_groups, units_of
 from auditor.io.readers import read_caption_batches, read_record_batches
 
 LOCAL = fsspec.filesystem("file")
@@ -153,29 +154,88 @@ def test_record_batches_keep_all_columns_and_row_numbers(tmp_path):
     assert table.to_pylist() == [{"caption": "a", "n": "1"}, {"caption": "b", "n": "two"}]
 
 
-def test_shard_writer_commit_abort(tmp_path):
-    root = str(tmp_path / "scores")
-    s = schema.scores_schema()
-    writer = ShardWriter(LOCAL, root, "k1", s, keep_empty=True)
-    row = {"id": "x", "caption": "c", "score": 1.0, "flagged": False, "source": "s", "row": 0, "n_tokens": 1,
-           "truncated": False, "status": "ok", "error": None}  # fmt: skip
-    writer.write(pa.Table.from_pylist([row]))
-    assert read_shard(LOCAL, root, "k1", ["id"]) is None  # not visible before commit
-    assert writer.commit()
-    assert read_shard(LOCAL, root, "k1", ["id"]).column("id").to_pylist() == ["x"]
-    empty = ShardWriter(LOCAL, root, "k2", s, keep_empty=False)
-    assert not empty.commit() and not (tmp_path / "scores" / "shard=k2" / "part-0.parquet").exists()
-    aborted = ShardWriter(LOCAL, root, "k3", s, keep_empty=True)
-    aborted.write(pa.Table.from_pylist([row]))
-    aborted.abort()
-    assert list((tmp_path / "scores" / "shard=k3").iterdir()) == []
+ROW = {"id": "x", "caption": "c", "score": 1.0, "flagged": True, "source": "s", "row": 0, "n_tokens": 1,
+       "truncated": False, "status": "ok", "error": None}  # fmt: skip
 
 
-def test_ledger_round_trip(tmp_path):
+def test_staged_rows_are_invisible_until_the_unit_commits(tmp_path):
+    out = str(tmp_path / "out")
+    first = stage_rows(LOCAL, out, "k1", 3, pa.Table.from_pylist([{**ROW, "row": 5, "_unit": 3}]))
+    second = stage_rows(LOCAL, out, "k1", 3, pa.Table.from_pylist([{**ROW, "row": 4, "id": "y"}]))
+    assert read_shard(LOCAL, f"{out}/scores", "k1", ["id"]) is None  # staged outside scores/
+    parts = commit_unit(LOCAL, out, "k1", 3, [first, second], schema.flagged_schema(False))
+    assert parts["rows"] == 2 and parts["scores"].endswith("scores/shard=k1/part-u000003.parquet")
+    assert read_shard(LOCAL, f"{out}/scores", "k1", ["id", "row"]).to_pylist() == [
+        {"id": "y", "row": 4},
+        {"id": "x", "row": 5},
+    ]  # row order, internal columns dropped
+    assert "_unit" not in pq.read_schema(parts["scores"]).names
+    assert read_shard(LOCAL, f"{out}/flagged", "k1", ["id"]).num_rows == 2
+    assert not list((tmp_path / "out" / "_staging").rglob("*.parquet"))
+    # A redo of the same unit replaces its part (here with no flags: the flagged part goes too).
+    again = stage_rows(LOCAL, out, "k1", 3, pa.Table.from_pylist([{**ROW, "flagged": False}]))
+    commit_unit(LOCAL, out, "k1", 3, [again], schema.flagged_schema(False))
+    assert read_shard(LOCAL, f"{out}/scores", "k1", ["id"]).num_rows == 1
+    assert read_shard(LOCAL, f"{out}/flagged", "k1", ["id"]) is None
+    # An empty unit still gets its (empty) scores part, so every input file has a shard.
+    commit_unit(LOCAL, out, "k2", 0, [], schema.flagged_schema(False))
+    assert read_shard(LOCAL, f"{out}/scores", "k2", ["id"]).num_rows == 0
+
+
+def test_units_are_whole_row_groups(tmp_path):
+    units = cut_row_groups([10, 10, 10, 50, 5, 5], unit_rows=25)
+    assert [(u.first_row, u.rows, u.row_groups) for u in units] == [
+        (0, 20, (0, 1)),
+        (20, 10, (2,)),
+        (30, 50, (3,)),  # a row group larger than unit_rows is a unit of its own
+        (80, 10, (4, 5)),
+    ]
+    assert {u.file_units for u in units} == {4} and [u.index for u in units] == [0, 1, 2, 3]
+    assert [(u.first_row, u.rows) for u in cut_row_groups([], 25)] == [(0, 0)]
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"caption": [f"c{i}" for i in range(10)]}), path, row_group_size=3)
+    units = units_of(LOCAL, file_for(path, "parquet"), unit_rows=6)
+    assert [(u.first_row, u.rows, u.row_groups) for u in units] == [(0, 6, (0, 1)), (6, 4, (2, 3))]
+    # Ids and row numbers of a unit read alone are those of the whole-file read.
+    whole = read_all(path, "parquet")
+    second = pa.concat_tables(
+        read_caption_batches(LOCAL, file_for(path, "parquet"), "caption", row_groups=(2, 3), first_row=6)
+    )
+    assert second.to_pylist() == whole.slice(6).to_pylist()
+    text = tmp_path / "a.txt"
+    text.write_text("x\ny\n")
+    assert [(u.index, u.file_units, u.rows) for u in units_of(LOCAL, file_for(text, "txt"), 1)] == [
+        (0, 1, None)
+    ]
+
+
+def record(source: str, unit: int, status: str = DONE, **extra) -> dict:
+    return {"source": source, "shard": source.rsplit("/", 1)[-1], "unit": unit, "status": status, **extra}
+
+
+def test_ledger_newest_record_wins_and_compaction_keeps_it(tmp_path):
     ledger = Ledger(LOCAL, str(tmp_path / "out"))
     assert ledger.entries() == {}
-    ledger.mark({"source": "s3://b/a.parquet", "shard": "a-1", "status": DONE, "fingerprint": "f"})
-    ledger.mark({"source": "s3://b/b.parquet", "shard": "b-2", "status": "failed", "fingerprint": "f"})
-    assert set(ledger.entries()) == {"s3://b/a.parquet", "s3://b/b.parquet"}
-    ledger.unmark("a-1")
-    assert set(ledger.entries()) == {"s3://b/b.parquet"}
+    ledger.mark(record("s3://b/a.parquet", 0, "failed"))
+    ledger.mark(record("s3://b/a.parquet", 0))
+    ledger.mark(record("s3://b/a.parquet", 1))
+    ledger.mark(record("s3://b/b.parquet", 0))
+    (tmp_path / "out" / "_ledger" / "b-2.json").write_text(json.dumps({"source": "old", "status": DONE}))
+    entries = ledger.entries()
+    assert set(entries) == {("s3://b/a.parquet", 0), ("s3://b/a.parquet", 1), ("s3://b/b.parquet", 0)}
+    assert entries[("s3://b/a.parquet", 0)]["status"] == DONE
+    assert ledger.compact() == 3
+    assert ledger.entries() == entries
+    files = sorted(
+        p.relative_to(tmp_path / "out" / "_ledger").as_posix()
+        for p in (tmp_path / "out" / "_ledger").rglob("*")
+    )
+    assert [f for f in files if f.startswith("units/")] == [] and sum(
+        f.startswith("compacted/") for f in files
+    ) == 1
+    ledger.mark(record("s3://b/a.parquet", 1, "failed"))  # after the snapshot: newer, so it wins
+    assert ledger.entries()[("s3://b/a.parquet", 1)]["status"] == "failed"
+    ledger.forget(["s3://b/a.parquet"])
+    assert set(ledger.entries()) == {("s3://b/b.parquet", 0)}
+    ledger.remove_legacy()
+    assert not (tmp_path / "out" / "_ledger" / "b-2.json").exists()

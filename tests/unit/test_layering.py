@@ -11,7 +11,7 @@ def test_scoring_io_config_do_not_import_ray():
         "import sys\n"
         "import auditor, auditor.scoring, auditor.config, auditor.schema\n"
         "import auditor.io.inputs, auditor.io.readers, auditor.io.parquet, auditor.io.ledger, auditor.io.storage\n"
-        "import auditor.pipeline.plan, auditor.pipeline.tokenize, auditor.pipeline.stages, auditor.pipeline.sink\n"
+        "import auditor.pipeline.plan, auditor.pipeline.tokenize, auditor.pipeline.stages, auditor.pipeline.commit\n"
         "import auditor.cli\n"
         "auditor.cli.build_parser()\n"
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"

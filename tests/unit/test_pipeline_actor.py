@@ -15,11 +15,17 @@ from auditor.config import AuditConfig
 from auditor.errors import ConfigError
 from auditor.io.inputs import list_inputs
 from auditor.io.ledger import DONE, FAILED, Ledger
-from auditor.io.parquet import read_shard
+from auditor.io.parquet import commit_unit, read_shard
 from auditor.pipeline import plan as plan_mod
+from auditor.pipeline.commit import UnitTracker
 from auditor.pipeline.plan import plan_audit, resolve_threshold
-from auditor.pipeline.sink import AuditSink
-from auditor.pipeline.stages import ScoreActor, read_and_tokenize, read_file_rows
+from auditor.pipeline.stages import (
+    DONE_UNITS,
+    ScoreActor,
+    read_and_tokenize,
+    read_unit_rows,
+    stage_and_acknowledge,
+)
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table
 
 CAPTIONS = ["a photo of a cat", "mona lisa by leonardo", "a photo of a cat", " ".join(["word"] * 100)]
@@ -53,9 +59,9 @@ def test_score_actor_without_ray(tmp_path, tiny_model_dir, tiny_scorer, parquet_
     threshold = float(np.median(reference))
     cfg = make_cfg(tmp_path, tiny_model_dir, threshold=threshold, keep_columns=("url",), dtype="fp32")
     files = list_inputs(cfg.inputs, None, {})
-    batch = pa.Table.from_pylist([vars(f) for f in files])
+    batch = pa.Table.from_pylist([{**vars(f), DONE_UNITS: []} for f in files])
     tables = list(read_and_tokenize(batch, cfg))
-    data = pa.concat_tables(t for t in tables if t.column(schema.STATUS)[0].as_py() != schema.END_OF_FILE)
+    data = pa.concat_tables(t for t in tables if t.column(schema.STATUS)[0].as_py() != schema.END_OF_UNIT)
     out = ScoreActor(cfg)(data)
     assert schema.INPUT_IDS not in out.column_names
     status = out.column(schema.STATUS).to_pylist()
@@ -88,7 +94,7 @@ def test_score_actor_bad_batch_gets_status(tmp_path, tiny_model_dir, parquet_inp
     cfg = make_cfg(tmp_path, tiny_model_dir, dtype="fp32")
     actor = ScoreActor(cfg)
     tokenized = tokenize_table(
-        next(read_file_rows(cfg, list_inputs(cfg.inputs, None, {})[0])), actor.tokenizer
+        next(read_unit_rows(cfg, list_inputs(cfg.inputs, None, {})[0])), actor.tokenizer
     )
 
     def boom(*args, **kwargs):
@@ -106,7 +112,7 @@ def test_explain_flagged_adds_token_columns(tmp_path, tiny_model_dir, parquet_in
     cfg = make_cfg(tmp_path, tiny_model_dir, threshold=-1.0, explain_flagged=True, dtype="fp32")
     actor = ScoreActor(cfg)
     out = actor(
-        tokenize_table(next(read_file_rows(cfg, list_inputs(cfg.inputs, None, {})[0])), actor.tokenizer)
+        tokenize_table(next(read_unit_rows(cfg, list_inputs(cfg.inputs, None, {})[0])), actor.tokenizer)
     )
     tokens = out.column(schema.TOKENS).to_pylist()
     significance = out.column(schema.TOKEN_SIGNIFICANCE).to_pylist()
@@ -136,21 +142,15 @@ def test_plan_records_corrupt_file_and_skips_done(tmp_path, tiny_model_dir, parq
     (tmp_path / "in" / "bad.parquet").write_bytes(b"garbage")
     cfg = make_cfg(tmp_path, tiny_model_dir)
     plan = plan_audit(cfg)
-    assert [f.relative for f in plan.pending] == ["a.parquet"]
+    assert [item.file.relative for item in plan.pending] == ["a.parquet"]
     assert "not readable as parquet" in plan.unreadable[str(tmp_path / "in" / "bad.parquet")]
-    Ledger(fsspec.filesystem("file"), cfg.output).mark(
-        {
-            "source": str(parquet_input),
-            "shard": plan.pending[0].shard,
-            "status": DONE,
-            "fingerprint": plan.fingerprint,
-        }
-    )
+    mark_done(cfg, plan)
     again = plan_audit(cfg)
     assert again.pending == [] and [f.relative for f in again.skipped] == ["a.parquet"]
-    assert [f.relative for f in plan_audit(make_cfg(tmp_path, tiny_model_dir, seed=1)).pending] == [
-        "a.parquet"
-    ]
+    for changed in ({"seed": 1}, {"unit_rows": 2}):  # another fingerprint or another unit cut: redone whole
+        other = plan_audit(make_cfg(tmp_path, tiny_model_dir, **changed))
+        assert [item.file.relative for item in other.pending] == ["a.parquet"]
+        assert [f.relative for f in other.fresh] == ["a.parquet", "bad.parquet"]
 
 
 @pytest.mark.parametrize(
@@ -176,49 +176,81 @@ def test_threshold_origins(tmp_path):
     assert resolve_threshold(AuditConfig(inputs=("i",), output="o", model="m")).origin == {"kind": "none"}
 
 
-def test_sink_commits_complete_files_and_fails_broken_ones(tmp_path, tiny_model_dir, parquet_input):
-    cfg = make_cfg(tmp_path, tiny_model_dir, dtype="fp32", threshold=0.0)
+def mark_done(cfg: AuditConfig, plan, units: int = 1, done: range | None = None) -> None:
+    """Ledger records as a run leaves them: units `done` of a file cut into `units`."""
+    file = plan.pending[0].file
+    for unit in done if done is not None else range(units):
+        Ledger(fsspec.filesystem("file"), cfg.output).mark(
+            {"source": file.source, "shard": file.shard, "unit": unit, "file_units": units, "status": DONE,
+             "identity": file.identity, "fingerprint": plan.fingerprint, "unit_rows": cfg.unit_rows}
+        )  # fmt: skip
+
+
+def test_units_commit_when_every_row_is_staged_and_a_broken_file_fails(
+    tmp_path, tiny_model_dir, parquet_input
+):
+    pq.write_table(pq.read_table(parquet_input), parquet_input, row_group_size=2)  # 3 row groups
+    cfg = make_cfg(tmp_path, tiny_model_dir, dtype="fp32", threshold=0.0, unit_rows=4)
     fs = fsspec.filesystem("file")
-    files = list_inputs(cfg.inputs, None, {})
-    ledger = Ledger(fs, cfg.output)
-    sink = AuditSink(fs, cfg.output, ledger, files, "fp", explain=False)
+    file = list_inputs(cfg.inputs, None, {})[0]
     actor = ScoreActor(cfg)
-    tables = [actor(tokenize_table(t, actor.tokenizer)) for t in read_file_rows(cfg, files[0], batch_rows=4)]
-    # Out of order: the end-of-file row arrives before the last data rows; the file commits only when all are in.
-    sink.consume(tables[2])
-    sink.consume(tables[0])
-    assert ledger.entries() == {}
-    sink.consume(tables[1])
-    record = ledger.entries()[files[0].source]
-    assert record["status"] == DONE and record["rows"] == 6 and record["counts"]["ok"] == 4
-    scores = read_shard(fs, f"{cfg.output}/scores", files[0].shard, [schema.ROW])
-    assert sorted(scores.column(schema.ROW).to_pylist()) == list(range(6))
-    assert read_shard(fs, f"{cfg.output}/flagged", files[0].shard, [schema.ID]).num_rows == 4
-    # A file that breaks after some rows: its partial output is dropped and the ledger says failed.
+    scored = [actor(tokenize_table(t, actor.tokenizer)) for t in read_unit_rows(cfg, file, batch_rows=1)]
+    # units: rows 0-3 (row groups 0, 1) and rows 4-5 (row group 2); each ends with its END_OF_UNIT row.
+    acks = [stage_and_acknowledge(t, cfg) for t in scored]
+    assert sum(a.num_rows for a in acks) == 8 and all(a.nbytes < 1024 for a in acks)
+    tracker = UnitTracker()
+    # Out of order: unit 0's end arrives before its last rows; it is ready only when all are in.
+    assert tracker.consume(acks[4]) == [] and tracker.consume(acks[0]) == []
+    assert tracker.consume(pa.concat_tables(acks[1:3])) == []
+    [unit0] = tracker.consume(acks[3])
+    assert (unit0.unit, unit0.received, unit0.expected, unit0.file_units, unit0.first_row) == (0, 4, 4, 2, 0)
+    assert unit0.counts["ok"] == 4 and unit0.counts["flagged"] == 4 and sum(unit0.histogram) == 4
+    [unit1] = tracker.consume(pa.concat_tables(acks[5:]))
+    assert (unit1.unit, unit1.received, unit1.first_row) == (1, 2, 4) and unit1.counts["null_caption"] == 1
+    assert read_shard(fs, f"{cfg.output}/scores", file.shard, [schema.ROW]) is None  # staged only
+    flagged_schema = schema.flagged_schema(False)
+    for state in (unit1, unit0):
+        parts = commit_unit(fs, cfg.output, state.shard, state.unit, state.staged, flagged_schema)
+        assert parts["rows"] == state.received
+    scores = read_shard(fs, f"{cfg.output}/scores", file.shard, [schema.ROW])
+    assert scores.column(schema.ROW).to_pylist() == list(range(6))
+    assert read_shard(fs, f"{cfg.output}/flagged", file.shard, [schema.ID]).num_rows == 4
+    assert not list((tmp_path / "out" / "_staging").rglob("*.parquet"))
+    # Resuming: done units are not read again.
+    rest = list(read_unit_rows(cfg, file, done_units=frozenset({0})))
+    assert pa.concat_tables(rest).column(schema.ROW).to_pylist() == [
+        4,
+        5,
+        4,
+    ]  # two rows + END_OF_UNIT (first row 4)
+    # A file that breaks: its unit fails with the reader's error.
     (tmp_path / "in" / "b.parquet").write_bytes(b"garbage")
-    broken = list_inputs((str(tmp_path / "in" / "b.parquet"),), None, {})
-    sink = AuditSink(fs, cfg.output, ledger, broken, "fp", explain=False)
-    for t in read_file_rows(cfg, broken[0]):
-        sink.consume(actor(tokenize_table(t, actor.tokenizer)))
-    assert ledger.entries()[broken[0].source]["status"] == FAILED
-    assert read_shard(fs, f"{cfg.output}/scores", broken[0].shard, [schema.ROW]) is None
+    broken = list_inputs((str(tmp_path / "in" / "b.parquet"),), None, {})[0]
+    [failed] = UnitTracker().consume(
+        stage_and_acknowledge(actor(tokenize_table(next(read_unit_rows(cfg, broken)), actor.tokenizer)), cfg)
+    )
+    assert failed.error and "b.parquet" in failed.error or "Parquet" in failed.error
 
 
 def test_force_redoes_complete_files(tmp_path, tiny_model_dir, parquet_input):
     cfg = make_cfg(tmp_path, tiny_model_dir)
     plan = plan_audit(cfg)
-    Ledger(fsspec.filesystem("file"), cfg.output).mark(
-        {
-            "source": str(parquet_input),
-            "shard": plan.pending[0].shard,
-            "status": DONE,
-            "fingerprint": plan.fingerprint,
-        }
-    )
+    mark_done(cfg, plan)
     assert plan_audit(cfg).pending == []
-    assert [f.relative for f in plan_audit(make_cfg(tmp_path, tiny_model_dir, force=True)).pending] == [
-        "a.parquet"
-    ]
+    forced = plan_audit(make_cfg(tmp_path, tiny_model_dir, force=True))
+    assert [item.file.relative for item in forced.pending] == ["a.parquet"] and forced.fresh
+
+
+def test_partly_committed_file_resumes_its_other_units(tmp_path, tiny_model_dir, parquet_input):
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    plan = plan_audit(cfg)
+    mark_done(cfg, plan, units=3, done=range(0, 2))
+    [item] = plan_audit(cfg).pending
+    assert item.done_units == frozenset({0, 1})
+    assert plan_audit(cfg).fresh == []  # its committed units stay
+    pq.write_table(pa.table({"caption": ["x"] * 7}), parquet_input)
+    changed = plan_audit(cfg)
+    assert changed.pending[0].done_units == frozenset() and changed.fresh
 
 
 def test_plan_column_errors(tmp_path, tiny_model_dir, parquet_input):

@@ -1,0 +1,127 @@
+"""`UnitTracker`: the driver's view of the audit. It reads only acknowledgements from the write stage and says
+which units are ready to commit (every row staged and the unit's END_OF_UNIT seen) or have failed.
+
+Acknowledgements of one unit arrive out of order and from many workers; staged row counts decide completeness.
+Never imports ray; holds a few bytes per unit in flight, nothing per row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from auditor.histogram import N_COUNTS
+from auditor.pipeline.stages import ACK_END, ACK_ERROR, ACK_ROWS
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class UnitState:
+    source: str
+    shard: str
+    unit: int
+    staged: list[str] = field(default_factory=list)
+    received: int = 0
+    expected: int | None = None
+    first_row: int | None = None
+    file_units: int | None = None
+    error: str | None = None
+    counts: Counter = field(default_factory=Counter)
+    histogram: list[int] = field(default_factory=lambda: [0] * N_COUNTS)
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and self.expected is not None and self.received == self.expected
+
+
+class UnitTracker:
+    def __init__(self) -> None:
+        self.units: dict[tuple[str, int], UnitState] = {}
+        self.runtimes: set[str] = set()
+        self.ack_bytes = 0
+        self.acks = 0
+
+    def consume(self, acks: pa.Table) -> list[UnitState]:
+        """Take one table of acknowledgements; return the units it made ready (complete or failed), once each."""
+        self.ack_bytes += acks.nbytes
+        self.acks += acks.num_rows
+        touched: dict[tuple[str, int], UnitState] = {}
+        for ack in acks.to_pylist():
+            key = (ack["source"], int(ack["unit"]))
+            state = self.units.get(key)
+            if state is None:
+                state = self.units[key] = UnitState(ack["source"], ack["shard"], int(ack["unit"]))
+            if ack["runtime"]:
+                self.runtimes.add(ack["runtime"])
+            if ack["kind"] == ACK_ROWS:
+                state.staged.append(ack["staged"])
+                state.received += ack["rows"]
+                state.counts.update(json.loads(ack["counts"]))
+                for index, count in json.loads(ack["histogram"]).items():
+                    state.histogram[int(index)] += count
+            elif ack["kind"] == ACK_END:
+                state.expected, state.first_row, state.file_units = (
+                    ack["rows"],
+                    ack["first_row"],
+                    ack["file_units"],
+                )
+            elif ack["kind"] == ACK_ERROR:
+                state.error = ack["error"] or "read failed"
+                state.first_row, state.file_units = ack["first_row"], ack["file_units"]
+            touched[key] = state
+        ready = [s for s in touched.values() if s.complete or s.error is not None]
+        for state in ready:
+            del self.units[(state.source, state.unit)]
+        return ready
+
+    def unfinished(self) -> list[UnitState]:
+        """Units with staged rows or an end seen but never ready: what a broken stream leaves behind."""
+        return list(self.units.values())
+
+
+def sparse_histogram(counts: list[int]) -> dict[str, int]:
+    return {str(i): n for i, n in enumerate(counts) if n}
+
+
+def dense_histogram(sparse: dict[str, int] | None) -> list[int]:
+    dense = [0] * N_COUNTS
+    for index, count in (sparse or {}).items():
+        dense[int(index)] += count
+    return dense
+
+
+def unit_record(
+    state: UnitState,
+    identity: str,
+    fingerprint: str,
+    unit_rows: int,
+    status: str,
+    parts: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The ledger record of a committed (status done) or failed unit."""
+    done = status == "done"
+    return {
+        "source": state.source,
+        "shard": state.shard,
+        "unit": state.unit,
+        "first_row": state.first_row,
+        "rows": state.received if done else 0,
+        "file_units": state.file_units,
+        "identity": identity,
+        "fingerprint": fingerprint,
+        "unit_rows": unit_rows,
+        "status": status,
+        "counts": dict(state.counts) if done else {},
+        "histogram": sparse_histogram(state.histogram) if done else {},
+        "parts": parts,
+        "error": state.error,
+        "finished_at": utc_now(),
+    }
