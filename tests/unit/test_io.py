@@ -14,8 +14,8 @@ from auditor.errors import ConfigError, InputDataError
 from auditor.io.inputs import InputFile, list_inputs, peek_columns, shard_key
 from auditor.io.ledger import DONE, Ledger
 from auditor.io.parquet import commit_unit, read_shard, stage_rows
-from auditor.io.units import cut_row_groups, units_of
 from auditor.io.readers import read_caption_batches, read_record_batches
+from auditor.io.units import cut_row_groups, units_of
 
 LOCAL = fsspec.filesystem("file")
 

@@ -14,7 +14,7 @@ from auditor import schema
 from auditor.config import AuditConfig
 from auditor.errors import ConfigError
 from auditor.io.inputs import list_inputs
-from auditor.io.ledger import DONE, FAILED, Ledger
+from auditor.io.ledger import DONE, Ledger
 from auditor.io.parquet import commit_unit, read_shard
 from auditor.pipeline import plan as plan_mod
 from auditor.pipeline.commit import UnitTracker
