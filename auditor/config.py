@@ -116,6 +116,7 @@ class AuditConfig(ParsedConfig):
     unit_rows: int = DEFAULT_UNIT_ROWS
     report: bool = True
     progress_interval: float = 30.0
+    stall_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
@@ -157,6 +158,12 @@ class AuditConfig(ParsedConfig):
         ):
             raise ConfigError(
                 f"--progress-interval must be a number of seconds > 0, got {self.progress_interval!r}."
+            )
+        if isinstance(self.stall_timeout_s, bool) or not (
+            isinstance(self.stall_timeout_s, int | float) and self.stall_timeout_s > 0
+        ):
+            raise ConfigError(
+                f"--stall-timeout-s must be a number of seconds > 0, got {self.stall_timeout_s!r}."
             )
         if self.num_cpus is not None and self.num_cpus < 2:
             raise ConfigError(
@@ -390,6 +397,14 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help=f"seconds between audit progress lines in logs (default {d('progress_interval'):g}); "
         "in a terminal a bar is drawn instead",
+    )
+    run.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"fail (exit code 3, committed units kept) when no work unit has made progress for this many seconds "
+        f"(default {d('stall_timeout_s'):g}): a cluster that lost a node can wait forever for work it cannot "
+        "schedule. Rerun the same command to resume",
     )
     run.add_argument(
         "--report",

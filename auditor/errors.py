@@ -17,3 +17,12 @@ class ModelLoadError(AuditorError):
 
 class InputDataError(AuditorError, ValueError):
     """Input data (a caption, a file, a column) is unusable; the message names where and how to fix it."""
+
+
+class AuditIncomplete(AuditorError):
+    """An audit stopped before every unit was committed (stalled cluster, SIGTERM, lost driver connection).
+
+    What was committed is kept; rerunning the same command audits the rest. The CLI exits with EXIT_CODE.
+    """
+
+    EXIT_CODE = 3

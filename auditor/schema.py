@@ -38,6 +38,8 @@ ATTENTION_MASK = "_attention_mask"
 UNIT = "_unit"
 UNIT_ROWS = "_unit_rows"
 FILE_UNITS = "_file_units"
+# The Ray node that scored a row (set by the score actor, dropped before writing): per-node throughput.
+NODE = "_node"
 UNIT_FIELDS = (
     pa.field(UNIT, pa.int32()),
     pa.field(UNIT_ROWS, pa.int64()),

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from auditor.errors import AuditorError
 
 # Module names under auditor.cli, in the order `auditor --help` lists them.
-COMMAND_MODULES = ("score", "explain", "toy", "evaluate", "calibrate", "audit", "filter")
+COMMAND_MODULES = ("score", "explain", "toy", "evaluate", "calibrate", "audit", "report", "filter")
 
 DESCRIPTION = """\
 Find memorization-prone captions in text-to-image training data.
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except AuditorError as exc:
         print(f"auditor {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "EXIT_CODE", 2)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,21 @@ from auditor.config import AuditConfig, add_audit_arguments
 
 DESCRIPTION = """\
 Score every caption of a dataset on Ray (local by default) and write:
-  OUTPUT/scores/shard=<input file>/part-0.parquet  every input row once: id, caption, score, flagged, source, row,
-                                                    n_tokens, truncated, status, error (+ --keep-columns)
-  OUTPUT/flagged/shard=<input file>/part-0.parquet  flagged rows only (id, caption, score, source, row)
-  OUTPUT/_audit.json                                config, model fingerprint, threshold and origin, counts, timings
-  OUTPUT/_ledger/                                   one record per input file, for resume and incremental audits
+  OUTPUT/scores/shard=<input file>/part-u<unit>.parquet   every input row once: id, caption, score, flagged,
+                                                           source, row, n_tokens, truncated, status, error
+                                                           (+ --keep-columns); one part file per work unit
+  OUTPUT/flagged/shard=<input file>/part-u<unit>.parquet  flagged rows only (id, caption, score, source, row)
+  OUTPUT/_audit.json     config, model fingerprint, threshold and origin, counts, score histogram, timings
+  OUTPUT/_ledger/        one record per committed or failed work unit, for resume and periodic audits
+  OUTPUT/report.html     a page with the summary, plots and the top flagged captions (--no-report: none)
 
-A rerun skips input files the ledger marks complete with the same model and options, redoes partial and failed
-ones, and picks up new files; --force redoes all. Without --threshold / --threshold-file nothing is flagged.
-Exit codes: 0 all inputs audited, 1 some input files failed (listed in _audit.json), 2 configuration error.
+Work units: a parquet file is cut into units of whole row groups (--unit-rows); a text file is one unit. Workers
+write each unit's rows straight to OUTPUT; a unit becomes visible whole, when all of its rows are in.
+A rerun skips committed units (same file content, model and options), redoes partial and failed ones, and audits
+new files and files changed since (size + ETag/mtime): their old output is replaced. --force redoes all.
+Without --threshold / --threshold-file nothing is flagged.
+Exit codes: 0 all inputs audited; 1 some units failed (listed in _audit.json); 2 configuration error;
+3 the run stopped early (SIGTERM, or no progress for --stall-timeout-s): rerun the same command to resume.
 """
 
 EPILOG = """\
@@ -48,13 +54,13 @@ def run(args: argparse.Namespace) -> int:
     result = run_audit(cfg)
     counts = result.counts
     print(
-        f"audited {result.files_done} files ({result.files_skipped} already complete), "
-        f"{counts.get('rows', 0)} rows: {counts.get('ok', 0)} scored, {counts.get('flagged', 0)} flagged"
+        f"audited {result.units_done} work units of {result.files_done} files ({result.files_skipped} files already "
+        f"complete), {counts.get('rows', 0)} rows: {counts.get('ok', 0)} scored, {counts.get('flagged', 0)} flagged"
     )
     other = {k: v for k, v in counts.items() if k not in ("rows", "ok", "flagged")}
     if other:
         print("rows not scored: " + ", ".join(f"{k}={v}" for k, v in sorted(other.items())))
-    for source, error in sorted(result.failed.items()):
-        print(f"FAILED {source}: {error}")
+    for failed in result.failed_units:
+        print(f"FAILED {failed['source']} unit {failed['unit']}: {failed['error']}")
     print(f"results: {result.output}")
     return result.exit_code

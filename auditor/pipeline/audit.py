@@ -10,15 +10,19 @@ moves the unit's part files into place, then records the unit in the ledger. No 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,13 +30,14 @@ import ray
 
 from auditor import __version__, schema
 from auditor.config import AuditConfig
-from auditor.errors import AuditorError, ConfigError
+from auditor.errors import AuditIncomplete, ConfigError
 from auditor.histogram import EDGES, merge_counts
 from auditor.io.ledger import DONE, FAILED, Ledger
 from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, commit_unit, shard_dir
 from auditor.io.storage import filesystem_for, join, remove_tree, write_json
 from auditor.pipeline.commit import UnitState, UnitTracker, dense_histogram, unit_record, utc_now
 from auditor.pipeline.plan import AuditPlan, WorkItem, committed_units, plan_audit, record_matches
+from auditor.pipeline.progress import AuditProgress
 from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, stage_and_acknowledge
 
 logger = logging.getLogger(__name__)
@@ -45,6 +50,9 @@ WRITE_TASKS = 4
 DEFAULT_BLOCK_BYTES = 128 * 2**20  # Ray Data's own default target_max_block_size
 # A tokenized row in flight: 77 input ids + 77 mask values as int64, plus the caption and ids (~1.4 KB measured).
 TOKENIZED_ROW_BYTES = 1400
+MONITOR_PERIOD_S = 1.0
+STALL_SIGNAL = signal.SIGUSR1
+COMMIT_GRACE_S = 60.0  # after an interruption, how long the driver waits for commit tasks already running
 # Environment every Ray worker of a local run gets (workers inherit the driver's; these keep logs quiet).
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -203,8 +211,9 @@ class UnitCommitter:
     The ledger record is written only after the commit task has moved the unit's parts into place.
     """
 
-    def __init__(self, cfg: AuditConfig, plan: AuditPlan, ledger: Ledger):
+    def __init__(self, cfg: AuditConfig, plan: AuditPlan, ledger: Ledger, progress: AuditProgress):
         self.cfg = cfg
+        self.progress = progress
         self.plan = plan
         self.ledger = ledger
         self.identities = {item.file.source: item.file.identity for item in plan.pending}
@@ -212,7 +221,6 @@ class UnitCommitter:
         self.committed: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
         self.remote = ray.remote(num_cpus=0, max_retries=0)(commit_staged_unit)
-        self.last_commit = time.monotonic()
 
     def submit(self, ready: list[UnitState]) -> None:
         for state in ready:
@@ -225,12 +233,13 @@ class UnitCommitter:
             )  # fmt: skip
             self.in_flight[ref] = state
 
-    def poll(self, wait: bool = False) -> None:
-        """Record the commit tasks that have finished (all of them when wait)."""
+    def poll(self, wait: bool = False, timeout_s: float | None = None) -> None:
+        """Record the commit tasks that have finished (when wait, all of them, or those done within timeout_s;
+        a commit never recorded leaves its unit to the next run, which rewrites the same part files)."""
         if not self.in_flight:
             return
         refs = list(self.in_flight)
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s if wait else 0)
         for ref in done:
             state = self.in_flight.pop(ref)
             try:
@@ -248,10 +257,11 @@ class UnitCommitter:
         record = self.ledger.mark(record)
         if status == DONE:
             self.committed.append(record)
-            self.last_commit = time.monotonic()
+            self.progress.unit_committed(state.received, state.main_node)
             logger.debug("committed %s unit %d: %d rows", state.source, state.unit, state.received)
         else:
             self.failed.append(record)
+            self.progress.unit_failed()
             logger.warning("input %s unit %d failed: %s", state.source, state.unit, state.error)
 
 
@@ -290,6 +300,98 @@ def existing_shards(fs: Any, root: str) -> set[str]:
     return {n[len(prefix) :] for n in names if n.startswith(prefix)}
 
 
+class AuditInterrupted(BaseException):
+    """Raised in the driver's main thread by a signal handler: SIGTERM (`ray job stop`) or the stall watchdog."""
+
+
+class DriverMonitor:
+    """A thread beside the driver loop: ticks the progress line, and interrupts the loop (SIGUSR1 to this
+    process, which the loop's handler turns into AuditInterrupted) when no acknowledgement has arrived for
+    stall_timeout_s: a cluster that lost a node can wait forever for work it cannot schedule, without a word.
+    """
+
+    def __init__(self, tracker: UnitTracker, progress: AuditProgress, stall_timeout_s: float):
+        self.tracker = tracker
+        self.progress = progress
+        self.stall_timeout_s = stall_timeout_s
+        self.stalled_s: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-monitor", daemon=True)
+
+    def __enter__(self) -> DriverMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(MONITOR_PERIOD_S):
+            self.progress.tick()
+            idle = time.monotonic() - self.tracker.last_ack
+            if idle > self.stall_timeout_s:
+                self.stalled_s = idle
+                os.kill(os.getpid(), STALL_SIGNAL)
+                return
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM and the watchdog's signal raise AuditInterrupted in the driver loop (main thread only; elsewhere,
+    e.g. a notebook's worker thread, the default handlers stay)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise AuditInterrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, STALL_SIGNAL)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def expected_units(plan: AuditPlan, tracker: UnitTracker) -> int:
+    """Units this run will process, as far as known: a file's unit count comes from the ledger or from its first
+    END_OF_UNIT; a parquet file not yet opened counts as one unit until then."""
+    total = 0
+    for item in plan.pending:
+        source = item.file.source
+        known = tracker.file_units.get(source)
+        if known is None:
+            _, known = committed_units(plan.records.get(source, []))
+        total += max((known or 1) - len(item.done_units), 0)
+    return total
+
+
+def stop_reason(error: BaseException, monitor: DriverMonitor | None, cfg: AuditConfig) -> str:
+    if monitor is not None and monitor.stalled_s is not None:
+        return (
+            f"no work unit made progress for {monitor.stalled_s:.0f} s (--stall-timeout-s {cfg.stall_timeout_s:g}); "
+            f"the cluster cannot run the pending work (a lost node, or actors holding every CPU the readers need). "
+            f"{cluster_state()}"
+        )
+    if isinstance(error, AuditInterrupted) and str(error) == "SIGTERM":
+        return "stopped by SIGTERM (ray job stop, or the operator)"
+    return f"{type(error).__name__}: {error}"
+
+
+def cluster_state() -> str:
+    try:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        available = ray.available_resources()
+        return (
+            f"Ray now has {len(alive)} alive node(s); available: "
+            f"{', '.join(f'{k}={v:g}' for k, v in sorted(available.items()) if k in ('CPU', 'GPU'))}."
+        )
+    except Exception as exc:  # the state of a broken cluster may itself be unreadable
+        return f"(cluster state unavailable: {type(exc).__name__})"
+
+
 def run(cfg: AuditConfig) -> AuditResult:
     started_at = utc_now()
     # 1. Check inputs, columns, threshold and model before Ray starts.
@@ -305,6 +407,8 @@ def run(cfg: AuditConfig) -> AuditResult:
     timings["prepare_output"] = time.perf_counter() - step
     tracker = UnitTracker()
     committer: UnitCommitter | None = None
+    monitor: DriverMonitor | None = None
+    throughput: dict[str, Any] = {}
     ray_stats = ""
     runtime: dict[str, Any] = {}
     error: BaseException | None = None
@@ -316,20 +420,29 @@ def run(cfg: AuditConfig) -> AuditResult:
         runtime = actor_runtime(cfg, resources)
         timings["ray_init"] = time.perf_counter() - step
         step = time.perf_counter()
-        committer = UnitCommitter(cfg, plan, ledger)
         # A small run hands the write stage fewer inputs than its pool size; Ray warns about it on every run.
         warnings.filterwarnings(
             "ignore", message="The maximum number of concurrent tasks", category=UserWarning
         )
+        progress = AuditProgress(
+            expected_units(plan, tracker), interval_s=cfg.progress_interval, quiet=cfg.quiet
+        )
+        committer = UnitCommitter(cfg, plan, ledger, progress)
         ds = build_dataset(cfg, plan.pending, resources)
+        tracker.last_ack = time.monotonic()
         try:
-            for acks in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                committer.submit(tracker.consume(acks))
-                committer.poll()
+            with interruptible(), DriverMonitor(tracker, progress, cfg.stall_timeout_s) as monitor:
+                for acks in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    committer.submit(tracker.consume(acks))
+                    committer.poll()
+                    progress.set_total(
+                        expected_units(plan, tracker) + progress.units_committed + progress.units_failed
+                    )
         except BaseException as exc:  # summarize what was committed, then re-raise
             error = exc
         finally:
-            committer.poll(wait=True)
+            committer.poll(wait=True, timeout_s=None if error is None else COMMIT_GRACE_S)
+            throughput = progress.close()
         if error is None:
             # Nothing is in flight now: what staging still holds belongs to failed units or to task attempts
             # that Ray retried (their rows were acknowledged from the retry), never to a committed unit.
@@ -341,7 +454,6 @@ def run(cfg: AuditConfig) -> AuditResult:
     # 4. Fold the ledger into one snapshot (drop records of changed files), then the summary next to the results.
     step = time.perf_counter()
     current = {f.source: f for f in plan.files}
-
     ledger.compact(
         keep=lambda r: (
             r["source"] not in current
@@ -350,6 +462,9 @@ def run(cfg: AuditConfig) -> AuditResult:
     )
     timings["compact_ledger"] = time.perf_counter() - step
     result = summarize(cfg, plan, committer, tracker, ledger, timings, ray_stats, started_at, runtime)
+    result.summary["throughput"] = throughput
+    if error is not None:
+        result.summary["stopped"] = stop_reason(error, monitor, cfg)
     write_json(fs, join(output_path, AUDIT_FILE), result.summary)
     logger.info(
         "audit done: %d units committed, %d files skipped, %d units failed; %s",
@@ -359,10 +474,11 @@ def run(cfg: AuditConfig) -> AuditResult:
         result.counts,
     )
     if error is not None:
-        raise AuditorError(
-            f"the audit stopped before every unit was committed ({type(error).__name__}: {error}). "
-            f"{result.units_done} units were committed and are kept; rerun the same command to audit the rest."
-        ) from error
+        raise AuditIncomplete(
+            f"the audit stopped before every unit was committed: {result.summary['stopped']} "
+            f"{result.units_done} units were committed this run and are kept; rerun the same command to audit "
+            "the rest (committed units are skipped, nothing is written twice)."
+        ) from (None if isinstance(error, AuditInterrupted) else error)
     return result
 
 

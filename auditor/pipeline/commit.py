@@ -8,6 +8,7 @@ Never imports ray; holds a few bytes per unit in flight, nothing per row.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +37,11 @@ class UnitState:
     error: str | None = None
     counts: Counter = field(default_factory=Counter)
     histogram: list[int] = field(default_factory=lambda: [0] * N_COUNTS)
+    nodes: Counter = field(default_factory=Counter)  # rows scored per Ray node
+
+    @property
+    def main_node(self) -> str | None:
+        return self.nodes.most_common(1)[0][0] if self.nodes else None
 
     @property
     def complete(self) -> bool:
@@ -48,11 +54,14 @@ class UnitTracker:
         self.runtimes: set[str] = set()
         self.ack_bytes = 0
         self.acks = 0
+        self.last_ack = time.monotonic()
+        self.file_units: dict[str, int] = {}  # source -> units, learnt from END_OF_UNIT acknowledgements
 
     def consume(self, acks: pa.Table) -> list[UnitState]:
         """Take one table of acknowledgements; return the units it made ready (complete or failed), once each."""
         self.ack_bytes += acks.nbytes
         self.acks += acks.num_rows
+        self.last_ack = time.monotonic()
         touched: dict[tuple[str, int], UnitState] = {}
         for ack in acks.to_pylist():
             key = (ack["source"], int(ack["unit"]))
@@ -67,6 +76,7 @@ class UnitTracker:
                 state.counts.update(json.loads(ack["counts"]))
                 for index, count in json.loads(ack["histogram"]).items():
                     state.histogram[int(index)] += count
+                state.nodes.update(json.loads(ack["nodes"] or "{}"))
             elif ack["kind"] == ACK_END:
                 state.expected, state.first_row, state.file_units = (
                     ack["rows"],

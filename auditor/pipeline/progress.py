@@ -92,6 +92,14 @@ class AuditProgress:
             )
 
     # 1. Events from the driver -----------------------------------------------------------------------------------
+    def set_total(self, total_units: int) -> None:
+        """A better count of the units this run will process (unit counts of files are learnt as they are read)."""
+        with self._lock:
+            self.total_units = max(total_units, self.units_committed + self.units_failed)
+            if self._bar is not None:
+                self._bar.total = self.total_units
+                self._bar.refresh()
+
     def unit_committed(self, rows: int, node: str | None = None) -> None:
         """A unit's rows are all in the output. node: where it was scored (a per-node summary needs two or more)."""
         with self._lock:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import socket
+import sys
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -120,6 +121,15 @@ def read_and_tokenize(
             yield tokenize_table(table, tokenizer)
 
 
+def current_node() -> str:
+    """`<host>/<Ray node id prefix>` inside a Ray worker, the host name outside Ray (never imports ray itself)."""
+    host = socket.gethostname()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return f"{host}/{ray.get_runtime_context().get_node_id()[:8]}"
+    return host
+
+
 # 3. Score (actor) ------------------------------------------------------------------------------------------------
 class ScoreActor:
     """Loads the Scorer once; each call scores the ok rows of a batch and sets score / flagged.
@@ -149,6 +159,7 @@ class ScoreActor:
             # Ray sets OMP threads to the actor's CPUs; torch must agree or two actors fight over cores.
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.host_info = {"host": socket.gethostname(), "torch_threads": torch.get_num_threads()}
+        self.node = current_node()
         self.threshold = resolve_threshold(cfg).value
         self.explain = load_explain() if cfg.explain_flagged else None
         self.tokenizer = CaptionTokenizer(self.scorer.tokenizer)
@@ -179,6 +190,9 @@ class ScoreActor:
         out = out.append_column(schema.ERROR, pa.array(errors, pa.string()))
         if self.explain is not None:
             out = self._add_explanations(out, flagged)
+        out = out.append_column(
+            schema.NODE, pa.array([self.node] * out.num_rows, pa.string()).dictionary_encode()
+        )
         # What this actor really runs with (a capture can fail, the shared head can turn off at its first score)
         # rides along in the schema metadata of batches it scored, when that is settled: no per-row cost, and the
         # driver strips it before writing.
@@ -255,6 +269,7 @@ ACK_SCHEMA = pa.schema(
         pa.field("histogram", pa.string()),  # JSON {bin: n}, bins of auditor.histogram, nonzero bins only
         pa.field("error", pa.string()),
         pa.field("runtime", pa.string()),  # the score actor's runtime JSON, when the batch carried it
+        pa.field("nodes", pa.string()),  # JSON {node: rows} of the nodes that scored the staged rows
     ]
 )
 
@@ -297,6 +312,9 @@ def stage_and_acknowledge(batch: pa.Table, cfg: AuditConfig) -> pa.Table:
         counts["flagged"] = int(pc.sum(flagged).as_py() or 0)
         scores = rows.column(schema.SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
         histogram = {i: n for i, n in enumerate(count_scores(scores)) if n}
+        nodes = (
+            Counter(rows.column(schema.NODE).to_pylist()) if schema.NODE in rows.column_names else Counter()
+        )
         acks.append(
             {
                 "kind": ACK_ROWS,
@@ -307,6 +325,7 @@ def stage_and_acknowledge(batch: pa.Table, cfg: AuditConfig) -> pa.Table:
                 "staged": stage_rows(fs, output_path, shard, unit, rows),
                 "counts": json.dumps(dict(counts)),
                 "histogram": json.dumps(histogram),
+                "nodes": json.dumps(dict(nodes)),
             }
         )
     if acks and runtime is not None:
