@@ -466,6 +466,8 @@ def run(cfg: AuditConfig) -> AuditResult:
     if error is not None:
         result.summary["stopped"] = stop_reason(error, monitor, cfg)
     write_json(fs, join(output_path, AUDIT_FILE), result.summary)
+    if cfg.report:
+        write_audit_report(cfg)
     logger.info(
         "audit done: %d units committed, %d files skipped, %d units failed; %s",
         result.units_done,
@@ -480,6 +482,20 @@ def run(cfg: AuditConfig) -> AuditResult:
             "the rest (committed units are skipped, nothing is written twice)."
         ) from (None if isinstance(error, AuditInterrupted) else error)
     return result
+
+
+def write_audit_report(cfg: AuditConfig) -> None:
+    """OUTPUT/report.html from what was just written. A report that fails never fails the audit: it can be made
+    again with `auditor report OUTPUT`."""
+    from auditor.report.html import write_report
+
+    step = time.perf_counter()
+    try:
+        path = write_report(cfg.output, cfg.storage_options)
+    except Exception:
+        logger.exception("the report could not be written; run `auditor report %s` to retry", cfg.output)
+        return
+    logger.info("report: %s (%.1f s)", path, time.perf_counter() - step)
 
 
 def versions() -> dict[str, str]:
