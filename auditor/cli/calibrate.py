@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         model=str(args.model),
     )
     path = write_threshold_file(record, args.out)
-    print(json.dumps(record, indent=2))
+    # The reference histogram (146 counts, for the report) stays in the file only.
+    print(json.dumps({k: v for k, v in record.items() if k != "reference_score_histogram"}, indent=2))
     print(
         f"threshold {record['threshold']:.6f}: flags score > threshold; {record['reference_fpr']:.2%} of "
         f"{record['n_reference']} reference captions are above it (target fpr {args.fpr:g}). Written to {path}"

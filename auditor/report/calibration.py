@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from auditor import histogram
 from auditor.report.metrics import flagged_fraction, threshold_at_fpr
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def calibrate_threshold(
         "reference_score_quantiles": {
             q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")
         },
+        # The reference distribution in the audit histogram's bins, drawn beside the audit's in the report.
+        "reference_score_histogram": reference_histogram(scores),
         "model": model,
         "model_fingerprint": scorer.fingerprint,
         "generations": generations,
@@ -69,6 +72,16 @@ def calibrate_threshold(
         record["reference_fpr"],
     )
     return record
+
+
+def reference_histogram(scores: Sequence[float] | np.ndarray) -> dict[str, Any]:
+    """Counts of the reference scores in `auditor.histogram` bins, with the bin parameters they were made with."""
+    return {
+        "counts": histogram.count_scores(scores),
+        "low": histogram.LOW,
+        "high": histogram.HIGH,
+        "bins_per_decade": histogram.BINS_PER_DECADE,
+    }
 
 
 def write_threshold_file(record: dict[str, Any], path: str | Path) -> Path:

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from auditor import histogram
 from auditor.cli import main
 from auditor.cli.calibrate import read_caption_file
 from auditor.errors import InputDataError
@@ -65,6 +66,9 @@ def test_calibrate_threshold_record(tiny_scorer):
     assert record["method"] == "calibrate" and record["rule"] == "score > threshold"
     assert record["model_fingerprint"] == tiny_scorer.fingerprint
     assert (record["n_reference"], record["generations"], record["steps"], record["seed"]) == (120, 1, 1, 0)
+    # The reference distribution in the audit histogram's bins, for the report.
+    assert record["reference_score_histogram"]["counts"] == histogram.count_scores(scores)
+    assert sum(record["reference_score_histogram"]["counts"]) == 120
 
 
 def test_calibrate_cli_writes_threshold_json(tmp_path, tiny_model_dir, capsys):
@@ -80,7 +84,10 @@ def test_calibrate_cli_writes_threshold_json(tmp_path, tiny_model_dir, capsys):
     assert expected_keys | {"generations", "steps", "seed", "created_at"} <= set(record)
     assert record["n_reference"] == len(CAPTIONS) and record["generations"] == 2 and record["fpr"] == 0.1
     assert np.isfinite(record["threshold"])
-    assert "flags score > threshold" in capsys.readouterr().out
+    assert sum(record["reference_score_histogram"]["counts"]) == len(CAPTIONS)
+    printed = capsys.readouterr().out
+    assert "flags score > threshold" in printed
+    assert "reference_score_histogram" not in printed  # 146 counts: in the file, not on the terminal
 
 
 def test_calibrate_cli_rejects_bad_fpr(tmp_path, tiny_model_dir, capsys):
