@@ -8,6 +8,9 @@ Run on an otherwise idle machine (timings on shared cores are meaningless); past
       efficiency = (a) time / (b) time, target >= 0.85.
       On 2 cores the actor gets 2 torch threads: local Ray with --num-cpus 3 (logical) and --cpus-per-actor 2,
       which leaves one logical CPU for the read/tokenize task (actors holding every CPU hang the run).
+  python bench/pipeline.py sizing [--preset micro] [--captions 20000] [--unit-rows 5000]
+      CPU seconds per row of the non-model work (read + tokenize, stage + acknowledge, commit tasks, driver) from
+      Ray Data's per-operator CPU times of one real audit: rows/s per CPU, and CPUs per GPU at 450 captions/s.
   python bench/pipeline.py memory [--preset micro] [--sizes 50000 200000]
       Peak RSS of the driver plus every process it started (Ray's daemons and workers), sampled every 0.2 s,
       for each corpus size in a fresh process; target: flat (ratio largest/smallest <= 1.2).
@@ -21,6 +24,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,7 +51,7 @@ def write_corpus(folder: Path, n: int, seed: int = 0) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     for index, start in enumerate(range(0, n, ROWS_PER_FILE)):
         table = pa.table({"caption": captions[start : start + ROWS_PER_FILE]})
-        pq.write_table(table, folder / f"part-{index:05d}.parquet")
+        pq.write_table(table, folder / f"part-{index:05d}.parquet", row_group_size=1000)
     return captions
 
 
@@ -59,10 +63,13 @@ def build_model(folder: Path, preset: str) -> Path:
     return folder
 
 
-def audit_argv(corpus: Path, out: Path, model: Path, batch_size: int, threads: int) -> list[str]:
+def audit_argv(
+    corpus: Path, out: Path, model: Path, batch_size: int, threads: int, extra: tuple[str, ...] = ()
+) -> list[str]:
     return [
         str(corpus), str(out), "--model", str(model), "--dtype", "fp32", "--batch-size", str(batch_size),
         "--num-cpus", str(threads + 1), "--cpus-per-actor", str(threads), "--gpus-per-actor", "0", "--quiet",
+        "--no-report", *extra,
     ]  # fmt: skip
 
 
@@ -107,7 +114,67 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     print(
         f"efficiency (a)/(b): end to end {raw / piped:.2f}, pipeline stage {raw / inner:.2f}  (target >= 0.85)"
     )
-    return {"captions": len(captions), "raw_s": raw, "pipeline_total_s": piped, "pipeline_stage_s": inner}
+    rows = audit["counts"]["this_run"]["rows"]
+    driver_bytes = audit["driver"]["acknowledgement_bytes"]
+    print(
+        f"bytes reaching the driver: {driver_bytes} for {rows} rows = {driver_bytes / rows:.3f} B/row "
+        f"({audit['driver']['acknowledgements']} acknowledgements; target <= 1 B/row)"
+    )
+    return {"captions": len(captions), "raw_s": raw, "pipeline_total_s": piped, "pipeline_stage_s": inner,
+            "driver_bytes_per_row": driver_bytes / rows}  # fmt: skip
+
+
+# Ray Data operators of the audit that are not the model: their CPU time per row is what sizes a node's CPUs.
+NON_MODEL_OPERATORS = ("read_and_tokenize", "stage_and_acknowledge")
+
+
+def operator_cpu_seconds(ray_stats: str) -> dict[str, float]:
+    """{operator name: total remote CPU seconds} from Dataset.stats() text (the lines Ray prints per operator)."""
+    totals: dict[str, float] = {}
+    current = None
+    for line in ray_stats.splitlines():
+        match = re.match(r"Operator \d+ (?:MapBatches\()?([A-Za-z_]+)\)?", line)
+        if match:
+            current = match.group(1)
+            continue
+        match = re.search(r"Remote cpu time: .*?, ([\d.]+)(us|ms|s) total", line)
+        if match and current:
+            value, unit = float(match.group(1)), match.group(2)
+            totals[current] = totals.get(current, 0.0) + value * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+            current = None
+    return totals
+
+
+def sizing(args: argparse.Namespace, work: Path) -> dict:
+    """CPU seconds per row of everything but the model: read + tokenize, stage (write) + acknowledge, commit tasks
+    and the driver's bookkeeping, from one real audit run. The model's share is left out by construction (the
+    ScoreActor operator is reported apart), so the model's size does not matter; the micro preset keeps it short.
+    """
+    model = build_model(work / "model", args.preset)
+    captions = write_corpus(work / "corpus", args.captions)
+    argv = audit_argv(work / "corpus", work / "out", model, args.batch_size, threads=1,
+                      extra=("--unit-rows", str(args.unit_rows)))  # fmt: skip
+    subprocess.run([sys.executable, "-m", "auditor", "audit", *argv], check=True, stdout=subprocess.DEVNULL)
+    audit = json.loads((work / "out" / "_audit.json").read_text())
+    rows = audit["counts"]["this_run"]["rows"]
+    assert rows == len(captions), (rows, len(captions))
+    cpu = operator_cpu_seconds(audit["ray_stats"])
+    parts = {name: cpu.get(name, 0.0) for name in NON_MODEL_OPERATORS}
+    parts["commit tasks"] = audit["driver"]["commit_task_cpu_s"]
+    parts["driver (acknowledgements)"] = audit["driver"]["acknowledgement_cpu_s"]
+    total = sum(parts.values())
+    print(f"\nnon-model CPU per row, {rows} rows, unit {args.unit_rows} rows (model operator: "
+          f"{cpu.get('ScoreActor', 0.0):.1f} CPU s, not counted)")  # fmt: skip
+    print("| part | CPU s total | CPU µs per row |")
+    print("|---|---|---|")
+    for name, seconds in parts.items():
+        print(f"| {name} | {seconds:.2f} | {seconds / rows * 1e6:.0f} |")
+    per_row = total / rows
+    print(f"| **all non-model** | {total:.2f} | {per_row * 1e6:.0f} |")
+    print(f"\nrows/s per CPU for the non-model work: {1 / per_row:,.0f}")
+    for rate in (450,):
+        print(f"CPUs per GPU at {rate} captions/s: {rate * per_row:.2f} (before headroom)")
+    return {"rows": rows, "cpu_s": parts, "cpu_s_per_row": per_row, "rows_per_s_per_cpu": 1 / per_row}
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -169,13 +236,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["throughput", "memory", "_run-one"])
+    parser.add_argument("mode", choices=["throughput", "memory", "sizing", "_run-one"])
     parser.add_argument("--preset", default=None, help="toy model preset (throughput: small, memory: micro)")
     parser.add_argument("--captions", type=int, default=20_000, help="throughput: corpus size")
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[50_000, 200_000], help="memory: corpus sizes"
     )
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--unit-rows", type=int, default=5000, help="sizing: rows per work unit")
     parser.add_argument("--quick", action="store_true", help="smoke run with small sizes (not a measurement)")
     parser.add_argument("--work-dir", help="keep corpora/models here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results here")
@@ -185,14 +253,14 @@ def main() -> int:
         run_one(args)
         return 0
     if args.quick:
-        args.captions, args.sizes = 600, [300, 1200]
+        args.captions, args.sizes, args.unit_rows = 600, [300, 1200], 100
     args.preset = args.preset or ("small" if args.mode == "throughput" else "micro")
     print(
         f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, preset {args.preset}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work_dir or scratch)
-        results = throughput(args, work) if args.mode == "throughput" else memory(args, work)
+        results = {"throughput": throughput, "memory": memory, "sizing": sizing}[args.mode](args, work)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"mode": args.mode, "preset": args.preset, **results}, indent=2)

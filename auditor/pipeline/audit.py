@@ -201,8 +201,10 @@ def commit_staged_unit(
     output: str, storage_options: dict[str, Any], shard: str, unit: int, staged: list[str], explain: bool
 ) -> dict[str, Any]:
     """Runs as a Ray task next to the data: merge one unit's staged files into its part files."""
+    started = time.process_time()
     fs, output_path = filesystem_for(output, storage_options)
-    return commit_unit(fs, output_path, shard, unit, staged, schema.flagged_schema(explain))
+    parts = commit_unit(fs, output_path, shard, unit, staged, schema.flagged_schema(explain))
+    return {**parts, "cpu_s": time.process_time() - started}
 
 
 class UnitCommitter:
@@ -221,6 +223,7 @@ class UnitCommitter:
         self.committed: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
         self.remote = ray.remote(num_cpus=0, max_retries=0)(commit_staged_unit)
+        self.commit_cpu_s = 0.0  # CPU time of the commit tasks (for sizing: bench/sizing.py)
 
     def submit(self, ready: list[UnitState]) -> None:
         for state in ready:
@@ -248,6 +251,7 @@ class UnitCommitter:
                 state.error = f"commit failed: {type(exc).__name__}: {exc}"
                 self._record(state, FAILED, None)
             else:
+                self.commit_cpu_s += parts.pop("cpu_s", 0.0)
                 self._record(state, DONE, parts)
 
     def _record(self, state: UnitState, status: str, parts: dict[str, Any] | None) -> None:
@@ -597,7 +601,12 @@ def summarize(
         },
         "counts": {"this_run": dict(run_counts), "output_total": dict(total)},
         "score_histogram": {"edges": EDGES.tolist(), "counts": histogram},
-        "driver": {"acknowledgements": tracker.acks, "acknowledgement_bytes": tracker.ack_bytes},
+        "driver": {
+            "acknowledgements": tracker.acks,
+            "acknowledgement_bytes": tracker.ack_bytes,
+            "acknowledgement_cpu_s": round(tracker.cpu_s, 4),
+            "commit_task_cpu_s": round(committer.commit_cpu_s, 4) if committer else 0.0,
+        },
         "runtime": runtime,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "ray_stats": ray_stats,

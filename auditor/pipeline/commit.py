@@ -55,10 +55,17 @@ class UnitTracker:
         self.ack_bytes = 0
         self.acks = 0
         self.last_ack = time.monotonic()
+        self.cpu_s = 0.0  # driver CPU spent on acknowledgements
         self.file_units: dict[str, int] = {}  # source -> units, learnt from END_OF_UNIT acknowledgements
 
     def consume(self, acks: pa.Table) -> list[UnitState]:
         """Take one table of acknowledgements; return the units it made ready (complete or failed), once each."""
+        started = time.process_time()
+        ready = self._consume(acks)
+        self.cpu_s += time.process_time() - started
+        return ready
+
+    def _consume(self, acks: pa.Table) -> list[UnitState]:
         self.ack_bytes += acks.nbytes
         self.acks += acks.num_rows
         self.last_ack = time.monotonic()
