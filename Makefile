@@ -9,7 +9,7 @@ TOY_MODEL ?= .cache/toy-model
 DEMO_OUT ?= runs/demo
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: help install test test-fast demo bench lint format toy-model gpu-wheels clean
+.PHONY: help install test test-fast demo report-screenshot bench lint format toy-model gpu-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,8 +30,18 @@ test: $(VENV)/.installed  ## run the whole test suite (GPU tests skip without CU
 test-fast: $(VENV)/.installed  ## unit tests only (no Ray, no S3 server)
 	$(PY) -m pytest -q tests/unit
 
-demo: $(VENV)/.installed  ## build/reuse the toy model, write a sample corpus, audit it on local Ray, show top flags
-	$(PY) -m auditor.toy.demo --model-dir $(TOY_MODEL) --out $(DEMO_OUT)
+demo: $(VENV)/.installed  ## shipped toy model: sample corpus, calibrate, audit on local Ray, top flags, HTML report
+	$(PY) -m auditor.toy.demo --out $(DEMO_OUT)
+
+REPORT ?= $(DEMO_OUT)/audit/report.html
+report-screenshot:  ## screenshot the demo's report.html into docs/report.png (headless chromium; REPORT=file for another)
+	@test -f $(REPORT) || { echo "no $(REPORT): run make demo first, or pass REPORT=path/to/report.html"; exit 1; }
+	@command -v chromium >/dev/null || { echo "needs Debian's chromium: apt-get install -y chromium"; exit 1; }
+	@mkdir -p docs
+	@rm -f docs/report.png
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir="$$(mktemp -d)" \
+	    --window-size=1280,2300 --screenshot="$(CURDIR)/docs/report.png" "file://$(abspath $(REPORT))" 2>/dev/null
+	@test -s docs/report.png && echo "docs/report.png <- $(REPORT)"
 
 toy-model: $(VENV)/.installed  ## build (or reuse) the toy memorizing model in $(TOY_MODEL)
 	$(PY) -m auditor toy-model build $(TOY_MODEL)

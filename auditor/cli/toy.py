@@ -7,7 +7,9 @@ import json
 
 EPILOG = """\
 examples:
-  auditor toy-model build .cache/toy-model                 full preset (~10 min on 2 CPU cores), reused if present
+  auditor toy-model path                                   the full preset shipped with the package (no training)
+  auditor score --model "$(auditor toy-model path)" "a red cat sitting in a park"
+  auditor toy-model build .cache/toy-model                 full preset from scratch (10-15 min on 2 CPU cores)
   auditor toy-model build /tmp/toy --preset test --seed 1  small fast variant (the tests' fixture)
   auditor toy-model build .cache/toy-model --force         retrain even if a build is cached
 """
@@ -25,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="toy_action", metavar="ACTION", required=True)
+    path = actions.add_parser(
+        "path", help="print the folder of the toy model shipped with the package (full preset, seed 0)"
+    )
+    path.set_defaults(handler=run_path)
     build = actions.add_parser("build", help="train the toy model into DIR, or reuse a complete build there")
     build.add_argument(
         "dir", metavar="DIR", help="output folder (a diffusers StableDiffusionPipeline folder)"
@@ -52,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--log-every", type=int, default=100, help="log loss and ETA every N steps (default 100)"
     )
     build.set_defaults(handler=run_build)
+
+
+def run_path(args: argparse.Namespace) -> int:
+    from auditor.toy.shipped import shipped_model_dir
+
+    print(shipped_model_dir())
+    return 0
 
 
 def run_build(args: argparse.Namespace) -> int:

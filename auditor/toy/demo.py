@@ -1,9 +1,12 @@
-"""`make demo`: build (or reuse) the toy model, write a sample corpus, calibrate, audit it, show the top flags.
+"""`make demo`: the shipped toy model, a sample corpus, a calibrated threshold, an audit, and its HTML report.
 
-python -m auditor.toy.demo --model-dir .cache/toy-model --out runs/demo
+python -m auditor.toy.demo --out runs/demo
+The model is the one shipped in the package (`auditor.toy.shipped`: `auditor toy-model build --preset full --seed 0`,
+built once), so nothing trains; --model-dir DIR, or another --preset/--seed, builds (or reuses) a toy there instead.
 The audit goes through `auditor.pipeline.audit.run(AuditConfig)` (local Ray) when the pipeline is installed, exactly as
 `auditor audit INPUT OUTPUT --model M --threshold-file F`; otherwise it scores locally with the Scorer and writes
-the same OUTPUT/scores + OUTPUT/flagged layout. This is a CLI entrypoint: it prints.
+the same OUTPUT/scores + OUTPUT/flagged + OUTPUT/_audit.json layout. It ends with OUTPUT/report.html
+(`auditor report`). This is a CLI entrypoint: it prints.
 """
 
 from __future__ import annotations
@@ -89,36 +92,44 @@ def run_pipeline_audit(corpus: Path, output: Path, model_dir: Path, threshold_fi
         raise RuntimeError(f"the audit failed on {sorted(result.failed)}: {result.failed}")
 
 
-def run_local_audit(files: Sequence[Path], output: Path, model_dir: Path, threshold: float) -> None:
-    """Fallback while the Ray pipeline is not installed: score every file with one Scorer, write OUTPUT/scores
-    (schema.SCORES_SCHEMA) and OUTPUT/flagged. Swap for `run_pipeline_audit` once `auditor.pipeline.run` exists."""
+def run_local_audit(
+    files: Sequence[Path], output: Path, model_dir: Path, record: dict, threshold_file: Path
+) -> None:
+    """Fallback while the Ray pipeline is not installed: score every file with one Scorer and write the audit layout
+    (OUTPUT/scores/shard=<key>/, OUTPUT/flagged/shard=<key>/, a minimal OUTPUT/_audit.json) the report reads."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.json as pj
     import pyarrow.parquet as pq
 
-    from auditor import schema
+    from auditor import __version__, histogram, schema
+    from auditor.io.inputs import shard_key
     from auditor.scoring import Scorer
 
+    started = time.perf_counter()
+    threshold = float(record["threshold"])
     scorer = Scorer.from_pretrained(model_dir, device="cpu", dtype="fp32")
-    (output / "scores").mkdir(parents=True, exist_ok=True)
-    (output / "flagged").mkdir(parents=True, exist_ok=True)
-    for index, path in enumerate(files):
+    for folder in ("scores", "flagged"):
+        shutil.rmtree(output / folder, ignore_errors=True)
+    counts = {"rows": 0, "ok": 0, "flagged": 0}
+    histograms = []
+    for path in files:
         table = pq.read_table(path) if path.suffix == ".parquet" else pj.read_json(path)
         captions = table.column("caption").to_pylist()
-        started = time.perf_counter()
+        step = time.perf_counter()
         tokens = scorer.tokenize(captions)
         scores = scorer.score_tokenized(tokens)
-        logger.info(
-            "scored %s: %d captions in %.1fs", path.name, len(captions), time.perf_counter() - started
-        )
+        logger.info("scored %s: %d captions in %.1fs", path.name, len(captions), time.perf_counter() - step)
         flagged = scores > threshold
+        source = str(path.resolve())
         out = pa.table(
             {
                 schema.ID: table.column("key").to_pylist(),
                 schema.CAPTION: captions,
                 schema.SCORE: scores.astype(np.float32),
                 schema.FLAGGED: flagged,
-                schema.SOURCE: [str(path)] * len(captions),
+                schema.SOURCE: [source] * len(captions),
                 schema.ROW: np.arange(len(captions), dtype=np.int64),
                 schema.N_TOKENS: tokens.n_tokens,
                 schema.TRUNCATED: tokens.truncated,
@@ -127,21 +138,61 @@ def run_local_audit(files: Sequence[Path], output: Path, model_dir: Path, thresh
             },
             schema=schema.SCORES_SCHEMA,
         )
-        pq.write_table(out, output / "scores" / f"part-{index:05d}.parquet")
-        pq.write_table(
-            out.filter(pa.array(flagged)).select(list(schema.FLAGGED_COLUMNS)),
-            output / "flagged" / f"part-{index:05d}.parquet",
-        )
+        shard = f"{schema.SHARD}={shard_key(source)}"
+        for folder, rows in (
+            ("scores", out),
+            ("flagged", out.filter(pa.array(flagged)).select(list(schema.FLAGGED_COLUMNS))),
+        ):
+            (output / folder / shard).mkdir(parents=True, exist_ok=True)
+            pq.write_table(rows, output / folder / shard / "part-u000000.parquet")
+        counts["rows"] += len(captions)
+        counts["ok"] += len(captions)
+        counts["flagged"] += int(flagged.sum())
+        histograms.append(histogram.count_scores(scores))
+    summary = {
+        "auditor_version": __version__,
+        "config": {"inputs": [str(p) for p in files], "output": str(output), "model": str(model_dir)},
+        "model_fingerprint": scorer.fingerprint,
+        "threshold": threshold,
+        "threshold_origin": {"kind": "file", "path": str(threshold_file), "content": record},
+        "files": {"inputs": len(files), "audited_this_run": len(files), "failed": []},
+        "counts": {"this_run": counts, "output_total": counts},
+        "score_histogram": {"counts": histogram.merge_counts(histograms)},
+        "runtime": {"local_scorer": True, **scorer.runtime},
+        "timings_s": {"local_scoring": round(time.perf_counter() - started, 3)},
+    }
+    (output / "_audit.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+def resolve_model(model_dir: str | None, preset: str, seed: int) -> tuple[Path, dict, str]:
+    """(folder, build record, what was done): the shipped model for the shipped preset and seed, else a toy built
+    (or reused) in `model_dir` (default .cache/toy-model-<preset>-seed<seed>). Training logs its progress."""
+    from auditor.toy.shipped import SHIPPED_PRESET, SHIPPED_SEED, shipped_model_dir
+    from auditor.toy.train import build_settings, build_toy_model, read_build_info, resolve_preset
+
+    if model_dir is None and (preset, seed) == (SHIPPED_PRESET, SHIPPED_SEED):
+        shipped = shipped_model_dir()
+        return shipped, read_build_info(shipped) or {}, "shipped with the package, no training"
+    folder = Path(model_dir or f".cache/toy-model-{preset}-seed{seed}")
+    # The demo owns its model folder: a toy build of an older recipe (or other preset/seed) there is rebuilt.
+    cached = read_build_info(folder)
+    stale = cached is not None and cached.get("settings") != build_settings(resolve_preset(preset), seed)
+    built, info = build_toy_model(folder, preset, seed=seed, force=stale)
+    return built, info, "reused" if cached is not None and not stale else "trained now"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m auditor.toy.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=".cache/toy-model", help="toy model folder (built if missing)")
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="build (or reuse) a toy model in this folder instead of using the shipped one (trains: ~10 min)",
+    )
     parser.add_argument("--out", default="runs/demo", help="output folder of the demo")
     parser.add_argument(
-        "--preset", default="full", choices=["full", "test"], help="toy model preset (default full)"
+        "--preset", default="full", choices=["full", "test"], help="toy model preset (default full, shipped)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="toy model seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="toy model seed (default 0, shipped)")
     parser.add_argument("--rows", type=int, default=3000, help="corpus rows (default 3000)")
     parser.add_argument("--fpr", type=float, default=0.01, help="calibration FPR (default 0.01)")
     parser.add_argument("--top", type=int, default=15, help="flagged captions to print (default 15)")
@@ -156,24 +207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     from auditor.report.calibration import calibrate_threshold, write_threshold_file
+    from auditor.report.html import REPORT_FILE, write_report
     from auditor.scoring import Scorer
     from auditor.toy.manifest import load_manifest
-    from auditor.toy.train import build_settings, build_toy_model, read_build_info, resolve_preset
 
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Toy model: trained once, then reused from its folder.
-    print(
-        f"[1/4] toy model in {args.model_dir} (preset {args.preset}; training logs progress below if not cached)"
-    )
-    # The demo owns its model folder: a toy build of an older recipe (or other preset/seed) there is rebuilt.
-    cached = read_build_info(args.model_dir)
-    stale = cached is not None and cached.get("settings") != build_settings(
-        resolve_preset(args.preset), args.seed
-    )
-    model_dir, info = build_toy_model(args.model_dir, args.preset, seed=args.seed, force=stale)
+    # 1. Toy model: the shipped one, or built once in --model-dir and reused.
+    model_dir, info, how = resolve_model(args.model_dir, args.preset, args.seed)
+    print(f"[1/5] toy model {model_dir} (preset {args.preset}, seed {args.seed}; {how})")
     manifest = load_manifest(model_dir)
     check = info.get("memorization_check", {})
     if check:
@@ -187,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference = out / "reference_clean.txt"
     reference.write_text("\n".join(manifest.held_out) + "\n", encoding="utf-8")
     print(
-        f"[2/4] corpus: {out / 'corpus'} ({len(files)} files, {args.rows} rows; {n_memorized_rows} rows are copies "
+        f"[2/5] corpus: {out / 'corpus'} ({len(files)} files, {args.rows} rows; {n_memorized_rows} rows are copies "
         f"of the {len(manifest.memorized)} memorized captions)"
     )
 
@@ -198,25 +242,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     threshold_file = write_threshold_file(record, out / "threshold.json")
     print(
-        f"[3/4] threshold {record['threshold']:.4f} at fpr {args.fpr:g} on {record['n_reference']} clean captions"
+        f"[3/5] threshold {record['threshold']:.4f} at fpr {args.fpr:g} on {record['n_reference']} clean captions"
     )
 
     # 4. Audit: the Ray pipeline when installed, else the local scorer; same output layout.
     audit_out = out / "audit"
     if pipeline_available() and not args.local:
-        print(f"[4/4] auditing with the Ray pipeline (local Ray) -> {audit_out}")
+        print(f"[4/5] auditing with the Ray pipeline (local Ray) -> {audit_out}")
         run_pipeline_audit(out / "corpus", audit_out, model_dir, threshold_file)
     else:
         print(
-            f"[4/4] auditing locally with the Scorer (--local, or the Ray pipeline is not installed) -> {audit_out}"
+            f"[4/5] auditing locally with the Scorer (--local, or the Ray pipeline is not installed) -> {audit_out}"
         )
-        run_local_audit(files, audit_out, model_dir, record["threshold"])
+        run_local_audit(files, audit_out, model_dir, record, threshold_file)
 
     report_top_flagged(audit_out, manifest, args.top)
     print(
         f"outputs: scores {audit_out / 'scores'}, flagged {audit_out / 'flagged'}, threshold {threshold_file}"
     )
-    print(f"demo finished in {time.perf_counter() - started:.0f}s")
+
+    # 5. The HTML report: the audit writes it (--report, the default); an audit that did not is reported here.
+    report = audit_out / REPORT_FILE
+    if not report.is_file() or report.stat().st_mtime < (audit_out / "_audit.json").stat().st_mtime:
+        write_report(str(audit_out))
+    print(f"[5/5] demo finished in {time.perf_counter() - started:.0f}s")
+    print(f"report: {report.resolve()}  (open it in a browser; `auditor report {audit_out}` rebuilds it)")
     return 0
 
 

@@ -266,6 +266,9 @@ def test_demo_puts_memorized_captions_on_top(toy_model_dir, tmp_path, capsys):
     n = len(load_manifest(toy_model_dir).memorized)
     assert f"the {n} highest-scoring distinct captions hold {n} of the {n} memorized ones" in out
     assert (tmp_path / "out" / "threshold.json").is_file()
-    scores = list((tmp_path / "out" / "audit" / "scores").glob("*.parquet"))
+    # The audit layout (one hive partition per input file) and its HTML report, whose path the demo prints last.
+    scores = list((tmp_path / "out" / "audit" / "scores").glob("shard=*/*.parquet"))
     assert len(scores) == 3
+    report = tmp_path / "out" / "audit" / "report.html"
+    assert report.is_file() and out.rstrip().splitlines()[-1].startswith(f"report: {report.resolve()}")
     assert np.isfinite(json.loads((tmp_path / "out" / "threshold.json").read_text())["threshold"])
