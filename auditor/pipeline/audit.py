@@ -223,7 +223,7 @@ class UnitCommitter:
         self.committed: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
         self.remote = ray.remote(num_cpus=0, max_retries=0)(commit_staged_unit)
-        self.commit_cpu_s = 0.0  # CPU time of the commit tasks (for sizing: bench/sizing.py)
+        self.commit_cpu_s = 0.0  # CPU time of the commit tasks (for sizing: bench/pipeline.py sizing)
 
     def submit(self, ready: list[UnitState]) -> None:
         for state in ready:
@@ -271,9 +271,11 @@ class UnitCommitter:
 
 # 4. Run --------------------------------------------------------------------------------------------------------
 def prepare_output(fs: Any, output_path: str, ledger: Ledger, plan: AuditPlan, cfg: AuditConfig) -> None:
-    """Before any new row is written: record files that cannot be read, drop records of files redone whole and
-    remove their old outputs (records first, so the ledger never points at deleted outputs), clear staging.
+    """Before any new row is written: drop records of files redone whole and remove their old outputs (records
+    first, so the ledger never points at deleted outputs), record files that cannot be read, clear staging.
     """
+    if cfg.force:
+        ledger.forget(f.source for f in plan.fresh)
     for source, error in plan.unreadable.items():
         file = next(f for f in plan.files if f.source == source)
         ledger.mark(
@@ -282,8 +284,6 @@ def prepare_output(fs: Any, output_path: str, ledger: Ledger, plan: AuditPlan, c
              "status": FAILED, "counts": {}, "histogram": {}, "parts": None, "error": error,
              "finished_at": utc_now()}
         )  # fmt: skip
-    if cfg.force:
-        ledger.forget(f.source for f in plan.fresh)
     with_output = existing_shards(fs, join(output_path, SCORES_DIR)) | existing_shards(
         fs, join(output_path, FLAGGED_DIR)
     )
