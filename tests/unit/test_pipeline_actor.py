@@ -268,3 +268,21 @@ def test_unknown_uri_scheme_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"cannot open 'nosuchproto://b/x'.*Check the URI scheme"):
         filesystem_for("nosuchproto://b/x")
+
+
+def test_columns_are_checked_on_a_sample_and_other_files_fail_alone(tmp_path, tiny_model_dir):
+    (tmp_path / "in").mkdir()
+    for i in range(20):
+        column = "TEXT" if i == 1 else "caption"  # file 1 lies outside the sample of 8 spread over 20
+        pq.write_table(pa.table({column: [f"a cat {i}"]}), tmp_path / "in" / f"f{i:02d}.parquet")
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    plan = plan_audit(cfg)
+    assert plan.unreadable == {} and len(plan.pending) == 20
+    lacking = next(item.file for item in plan.pending if item.file.relative == "f01.parquet")
+    [control] = list(read_unit_rows(cfg, lacking))
+    assert control.column(schema.STATUS).to_pylist() == [schema.READ_ERROR]
+    assert "has no column caption; columns are: TEXT" in control.column(schema.ERROR)[0].as_py()
+    # In the sample, the same file is caught before Ray starts, with the same message.
+    for i in range(2, 20):
+        (tmp_path / "in" / f"f{i:02d}.parquet").unlink()
+    assert "has no column 'caption'; columns are: TEXT" in plan_audit(cfg).unreadable[lacking.source]
