@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 # The summary `auditor.pipeline.audit.run` writes (that module imports ray, so the name is repeated here).
 AUDIT_FILE = "_audit.json"
 BATCH_ROWS = 1 << 18
+FOOTER_THREADS = 16
 # Shard keys are file stems plus a hash; hive inference would turn a key like "00001" into an int.
 PARTITIONING = ds.partitioning(pa.schema([(schema.SHARD, pa.string())]), flavor="hive")
 NO_SHARD = "(no shard folder)"
@@ -109,6 +111,8 @@ class ScoreScan:
     flagged: int = 0
     histogram: list[int] = field(default_factory=lambda: [0] * histogram.N_COUNTS)
     histogram_origin: str = "scan"
+    # "rows": one streaming pass over the rows; "footers": parquet footers and _audit.json's token histogram.
+    tallies_origin: str = "rows"
     shards: dict[str, list[int]] = field(default_factory=dict)
     by_tokens_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     by_tokens_flagged: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -122,9 +126,22 @@ def _add(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return total
 
 
+def stored_token_counts(summary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, flagged) per caption length from _audit.json's "token_histogram" ({"rows": [...], "flagged": [...]},
+    index = n_tokens, merged from the committed units), or None when the audit did not record it."""
+    stored = summary.get("token_histogram") or {}
+    rows, flagged = stored.get("rows"), stored.get("flagged")
+    if not isinstance(rows, list) or not isinstance(flagged, list) or len(flagged) > len(rows):
+        return None
+    return np.asarray(rows, np.int64), np.asarray(flagged, np.int64)
+
+
 def scan_scores(output: AuditOutput) -> ScoreScan:
-    """Rows and flags per shard, rows and flags per caption length, and the score histogram unless _audit.json
-    holds it ("score_histogram": {"counts": [...]}, merged from the committed units), in one pass over a few columns.
+    """Rows and flags per shard, rows and flags per caption length, and the score histogram.
+
+    When _audit.json holds both histograms ("score_histogram", "token_histogram", merged from the committed units),
+    no row is read: rows and flags per shard come from the parquet footers of scores/ and flagged/, so the cost
+    follows the number of part files, not of rows. Otherwise one streaming pass over a few columns counts them.
     """
     started = time.perf_counter()
     scan = ScoreScan()
@@ -135,6 +152,49 @@ def scan_scores(output: AuditOutput) -> ScoreScan:
     dataset = output.dataset(SCORES_DIR)
     if dataset is None:
         return scan
+    tokens = stored_token_counts(output.summary)
+    if scan.histogram_origin == "_audit.json" and tokens is not None:
+        scan.by_tokens_rows, scan.by_tokens_flagged = tokens
+        _count_from_footers(scan, dataset, output.dataset(FLAGGED_DIR))
+        scan.tallies_origin = "footers"
+    else:
+        _count_from_rows(scan, dataset)
+    scan.seconds = time.perf_counter() - started
+    logger.info(
+        "counted %d rows of %s in %.2fs (histogram from %s, tallies from %s)",
+        scan.rows,
+        output.uri,
+        scan.seconds,
+        scan.histogram_origin,
+        scan.tallies_origin,
+    )
+    return scan
+
+
+def _fragment_rows(dataset: ds.Dataset | None) -> list[tuple[str, int]]:
+    """(shard, row count) of every part file, from its parquet footer; footers are read in parallel (object stores)."""
+    if dataset is None:
+        return []
+    fragments = list(dataset.get_fragments())
+
+    def count(fragment) -> tuple[str, int]:
+        key = ds.get_partition_keys(fragment.partition_expression).get(schema.SHARD)
+        return key or NO_SHARD, fragment.count_rows()
+
+    with ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
+        return list(pool.map(count, fragments))
+
+
+def _count_from_footers(scan: ScoreScan, scores: ds.Dataset, flagged: ds.Dataset | None) -> None:
+    for key, rows in _fragment_rows(scores):
+        scan.shards.setdefault(key, [0, 0])[0] += rows
+        scan.rows += rows
+    for key, rows in _fragment_rows(flagged):
+        scan.shards.setdefault(key, [0, 0])[1] += rows
+        scan.flagged += rows
+
+
+def _count_from_rows(scan: ScoreScan, dataset: ds.Dataset) -> None:
     names = set(dataset.schema.names)
     columns = [c for c in (schema.SHARD, schema.FLAGGED, schema.N_TOKENS) if c in names]
     need_scores = scan.histogram_origin == "scan" and schema.SCORE in names
@@ -166,15 +226,6 @@ def scan_scores(output: AuditOutput) -> ScoreScan:
         if need_scores:
             counts = histogram.count_scores(batch.column(schema.SCORE).to_numpy(zero_copy_only=False))
             scan.histogram = histogram.merge_counts([scan.histogram, counts])
-    scan.seconds = time.perf_counter() - started
-    logger.info(
-        "scanned %d rows of %s in %.2fs (histogram from %s)",
-        scan.rows,
-        output.uri,
-        scan.seconds,
-        scan.histogram_origin,
-    )
-    return scan
 
 
 # 2. The top flagged captions ------------------------------------------------------------------------------------

@@ -347,6 +347,8 @@ def where_section(scan: ScoreScan) -> dict[str, Any]:
             plots.plot_token_lengths(rows_by_length, flagged_by_length) if rows_by_length.sum() else None
         ),
         "lengths": lengths[:TOKEN_TABLE_ROWS],
+        "tallies_origin": scan.tallies_origin,
+        "scan_seconds": scan.seconds,
         "mean_tokens_all": _mean_length(rows_by_length),
         "mean_tokens_flagged": _mean_length(flagged_by_length),
     }

@@ -44,6 +44,7 @@ def write_audit_output(
     explain: bool = True,
     failed_units: list[dict] | None = None,
     with_histogram: bool = True,
+    with_token_histogram: bool = False,
     calibration: bool = True,
     memorized: tuple = MEMORIZED,
     shards: tuple[str, ...] = SHARDS,
@@ -51,6 +52,7 @@ def write_audit_output(
     """Write the output and return `root`. score_scale multiplies every ordinary score (to make a second audit)."""
     rng = np.random.default_rng(seed)
     all_scores: list[np.ndarray] = []
+    token_rows, token_flagged = np.zeros(78, np.int64), np.zeros(78, np.int64)
     counts = {"rows": 0, "flagged": 0}
     for index, shard in enumerate(shards):
         source = f"/data/corpus/{shard.rsplit('-', 1)[0]}.parquet"
@@ -113,6 +115,9 @@ def write_audit_output(
             flagged_dir.mkdir(parents=True, exist_ok=True)
             pq.write_table(flagged_rows, flagged_dir / "part-u000000.parquet")
         all_scores.append(scores[np.array(status) == schema.OK])
+        ok = np.array(status) == schema.OK
+        np.add.at(token_rows, n_tokens[ok], 1)
+        np.add.at(token_flagged, n_tokens[ok & flagged], 1)
         counts["rows"] += n
         counts["flagged"] += int(flagged.sum())
         counts[schema.OK] = counts.get(schema.OK, 0) + n - 1
@@ -167,6 +172,8 @@ def write_audit_output(
     }
     if with_histogram:
         summary["score_histogram"] = {"counts": histogram.count_scores(np.concatenate(all_scores))}
+    if with_token_histogram:
+        summary["token_histogram"] = {"rows": token_rows.tolist(), "flagged": token_flagged.tolist()}
     if failed_units:
         summary["units"] = {"total": 7, "done": 7 - len(failed_units), "failed": failed_units}
     (root / "_audit.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

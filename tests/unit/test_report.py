@@ -138,6 +138,20 @@ def test_scan_counts_the_histogram_when_the_summary_lacks_it(tmp_path):
     assert b.by_tokens_flagged[len(SCRIPT_CAPTION.split())] == 1
 
 
+def test_tallies_from_footers_match_the_row_scan(tmp_path):
+    # With both histograms in _audit.json no row is read: the same tallies come from parquet footers.
+    by_rows = scan_scores(open_audit_output(str(write_audit_output(tmp_path / "a"))))
+    from_footers = scan_scores(
+        open_audit_output(str(write_audit_output(tmp_path / "b", with_token_histogram=True)))
+    )
+    assert (by_rows.tallies_origin, from_footers.tallies_origin) == ("rows", "footers")
+    assert from_footers.shards == by_rows.shards and from_footers.rows == by_rows.rows == 360
+    assert from_footers.flagged == by_rows.flagged == 6 and from_footers.histogram == by_rows.histogram
+    for name in ("by_tokens_rows", "by_tokens_flagged"):
+        a, b = getattr(from_footers, name), getattr(by_rows, name)
+        assert np.array_equal(np.pad(a, (0, 80 - len(a))), np.pad(b, (0, 80 - len(b)))), name
+
+
 def test_top_flagged_groups_duplicates_across_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(audit_output, "BATCH_ROWS", 2)  # the running top k must survive many small batches
     output = open_audit_output(str(write_audit_output(tmp_path / "a")))
