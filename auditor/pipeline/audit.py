@@ -35,7 +35,14 @@ from auditor.histogram import EDGES, merge_counts
 from auditor.io.ledger import DONE, FAILED, Ledger
 from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, commit_unit, shard_dir
 from auditor.io.storage import filesystem_for, join, remove_tree, write_json
-from auditor.pipeline.commit import UnitState, UnitTracker, dense_histogram, unit_record, utc_now
+from auditor.pipeline.commit import (
+    UnitState,
+    UnitTracker,
+    dense_histogram,
+    merge_lengths,
+    unit_record,
+    utc_now,
+)
 from auditor.pipeline.plan import AuditPlan, WorkItem, committed_units, plan_audit, record_matches
 from auditor.pipeline.progress import AuditProgress
 from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, stage_and_acknowledge
@@ -601,6 +608,7 @@ def summarize(
         },
         "counts": {"this_run": dict(run_counts), "output_total": dict(total)},
         "score_histogram": {"edges": EDGES.tolist(), "counts": histogram},
+        "token_histogram": merge_lengths(done_records),
         "driver": {
             "acknowledgements": tracker.acks,
             "acknowledgement_bytes": tracker.ack_bytes,

@@ -38,6 +38,7 @@ class UnitState:
     counts: Counter = field(default_factory=Counter)
     histogram: list[int] = field(default_factory=lambda: [0] * N_COUNTS)
     nodes: Counter = field(default_factory=Counter)  # rows scored per Ray node
+    lengths: dict[int, list[int]] = field(default_factory=dict)  # n_tokens -> [rows, flagged]
 
     @property
     def main_node(self) -> str | None:
@@ -84,6 +85,10 @@ class UnitTracker:
                 for index, count in json.loads(ack["histogram"]).items():
                     state.histogram[int(index)] += count
                 state.nodes.update(json.loads(ack["nodes"] or "{}"))
+                for length, (rows, flagged) in json.loads(ack["tokens"] or "{}").items():
+                    pair = state.lengths.setdefault(int(length), [0, 0])
+                    pair[0] += rows
+                    pair[1] += flagged
             elif ack["kind"] == ACK_END:
                 state.expected, state.first_row, state.file_units = (
                     ack["rows"],
@@ -115,6 +120,21 @@ def dense_histogram(sparse: dict[str, int] | None) -> list[int]:
     return dense
 
 
+def merge_lengths(records: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """{"rows": [...], "flagged": [...]} indexed by n_tokens, summed over the records' "lengths"."""
+    rows: list[int] = []
+    flagged: list[int] = []
+    for record in records:
+        for length, (n, f) in (record.get("lengths") or {}).items():
+            index = int(length)
+            if index >= len(rows):
+                rows.extend([0] * (index + 1 - len(rows)))
+                flagged.extend([0] * (index + 1 - len(flagged)))
+            rows[index] += n
+            flagged[index] += f
+    return {"rows": rows, "flagged": flagged}
+
+
 def unit_record(
     state: UnitState,
     identity: str,
@@ -138,6 +158,7 @@ def unit_record(
         "status": status,
         "counts": dict(state.counts) if done else {},
         "histogram": sparse_histogram(state.histogram) if done else {},
+        "lengths": {str(k): v for k, v in sorted(state.lengths.items())} if done else {},
         "parts": parts,
         "error": state.error,
         "finished_at": utc_now(),

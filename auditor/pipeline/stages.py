@@ -270,8 +270,22 @@ ACK_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("runtime", pa.string()),  # the score actor's runtime JSON, when the batch carried it
         pa.field("nodes", pa.string()),  # JSON {node: rows} of the nodes that scored the staged rows
+        pa.field("tokens", pa.string()),  # JSON {n_tokens: [rows, flagged]} of the rows with a caption length
     ]
 )
+
+
+def length_counts(rows: pa.Table) -> dict[int, list[int]]:
+    """{n_tokens: [rows, flagged rows]} over the rows that have a caption length (what the report plots)."""
+    lengths = rows.column(schema.N_TOKENS).to_pylist()
+    flagged = rows.column(schema.FLAGGED).to_pylist()
+    counts: dict[int, list[int]] = {}
+    for length, is_flagged in zip(lengths, flagged, strict=True):
+        if length is not None:
+            pair = counts.setdefault(length, [0, 0])
+            pair[0] += 1
+            pair[1] += bool(is_flagged)
+    return counts
 
 
 def stage_and_acknowledge(batch: pa.Table, cfg: AuditConfig) -> pa.Table:
@@ -326,6 +340,7 @@ def stage_and_acknowledge(batch: pa.Table, cfg: AuditConfig) -> pa.Table:
                 "counts": json.dumps(dict(counts)),
                 "histogram": json.dumps(histogram),
                 "nodes": json.dumps(dict(nodes)),
+                "tokens": json.dumps(length_counts(rows)),
             }
         )
     if acks and runtime is not None:
