@@ -40,7 +40,7 @@ report-screenshot:  ## screenshot the demo's report.html into docs/report.png (h
 	@mkdir -p docs
 	@rm -f docs/report.png
 	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --user-data-dir="$$(mktemp -d)" \
-	    --window-size=1280,2300 --screenshot="$(CURDIR)/docs/report.png" "file://$(abspath $(REPORT))" 2>/dev/null
+	    --window-size=1280,3300 --screenshot="$(CURDIR)/docs/report.png" "file://$(abspath $(REPORT))" 2>/dev/null
 	@test -s docs/report.png && echo "docs/report.png <- $(REPORT)"
 
 toy-model: $(VENV)/.installed  ## build (or reuse) the toy memorizing model in $(TOY_MODEL)
