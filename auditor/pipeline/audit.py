@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from auditor.config import AuditConfig
 from auditor.errors import AuditIncomplete, ConfigError
 from auditor.histogram import EDGES, merge_counts
 from auditor.io.ledger import DONE, FAILED, Ledger
-from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, commit_unit, shard_dir
+from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, TEMPORARY_PREFIX, commit_unit, shard_dir
 from auditor.io.storage import filesystem_for, join, remove_tree, write_json
 from auditor.pipeline.commit import (
     UnitState,
@@ -277,6 +278,21 @@ class UnitCommitter:
 
 
 # 4. Run --------------------------------------------------------------------------------------------------------
+def check_output_writable(fs: Any, output_path: str, output: str) -> None:
+    """Write and delete a small object under OUTPUT, so an output that refuses writes fails before Ray starts
+    (otherwise every worker's write, then the ledger and _audit.json, would fail one by one)."""
+    probe = join(output_path, f"{TEMPORARY_PREFIX}write-check-{uuid.uuid4().hex}")
+    try:
+        fs.makedirs(output_path, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as exc:  # the store's own error types: OSError, botocore's, gcsfs'...
+        raise ConfigError(
+            f"OUTPUT {output} cannot be written ({type(exc).__name__}: {exc}); check the path, its permissions "
+            "(or the bucket policy), the endpoint and credentials."
+        ) from exc
+
+
 def prepare_output(fs: Any, output_path: str, ledger: Ledger, plan: AuditPlan, cfg: AuditConfig) -> None:
     """Before any new row is written: drop records of files redone whole and remove their old outputs (records
     first, so the ledger never points at deleted outputs), record files that cannot be read, clear staging.
@@ -414,6 +430,7 @@ def run(cfg: AuditConfig) -> AuditResult:
         check_cpus(cfg, cfg.num_cpus)
     # 2. Clear what a killed run or an earlier version of a file left behind.
     step = time.perf_counter()
+    check_output_writable(fs, output_path, cfg.output)
     prepare_output(fs, output_path, ledger, plan, cfg)
     timings["prepare_output"] = time.perf_counter() - step
     tracker = UnitTracker()
