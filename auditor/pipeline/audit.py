@@ -215,6 +215,14 @@ def commit_staged_unit(
     return {**parts, "cpu_s": time.process_time() - started}
 
 
+def error_text(exc: BaseException) -> str:
+    """`<type>: <message>` of what went wrong; for a Ray task error, of its cause inside the task (whose traceback
+    stays in the worker's log), so the ledger, _audit.json and the CLI get one clear line, not a traceback."""
+    while isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    return f"{type(exc).__name__}: {exc}"
+
+
 class UnitCommitter:
     """Turns ready units into ledger records: a commit task per complete unit, a failed record per broken one.
 
@@ -256,7 +264,7 @@ class UnitCommitter:
             try:
                 parts = ray.get(ref)
             except Exception as exc:  # the unit is redone by the next run; the others go on
-                state.error = f"commit failed: {type(exc).__name__}: {exc}"
+                state.error = f"commit failed: {error_text(exc)}"
                 self._record(state, FAILED, None)
             else:
                 self.commit_cpu_s += parts.pop("cpu_s", 0.0)
@@ -403,8 +411,9 @@ def stop_reason(error: BaseException, monitor: DriverMonitor | None, cfg: AuditC
             f"{cluster_state()}"
         )
     if isinstance(error, AuditInterrupted) and str(error) == "SIGTERM":
-        return "stopped by SIGTERM (ray job stop, or the operator)"
-    return f"{type(error).__name__}: {error}"
+        return "stopped by SIGTERM (ray job stop, or the operator)."
+    text = error_text(error)
+    return text if text.endswith(".") else f"{text}."
 
 
 def cluster_state() -> str:
@@ -469,7 +478,11 @@ def run(cfg: AuditConfig) -> AuditResult:
         except BaseException as exc:  # summarize what was committed, then re-raise
             error = exc
         finally:
-            committer.poll(wait=True, timeout_s=None if error is None else COMMIT_GRACE_S)
+            # The ledger's store may fail here too: a unit left unrecorded is redone by a rerun.
+            try:
+                committer.poll(wait=True, timeout_s=None if error is None else COMMIT_GRACE_S)
+            except Exception as exc:
+                error = error or exc
             throughput = progress.close()
         if error is None:
             # Nothing is in flight now: what staging still holds belongs to failed units or to task attempts
@@ -482,18 +495,26 @@ def run(cfg: AuditConfig) -> AuditResult:
     # 4. Fold the ledger into one snapshot (drop records of changed files), then the summary next to the results.
     step = time.perf_counter()
     current = {f.source: f for f in plan.files}
-    ledger.compact(
-        keep=lambda r: (
-            r["source"] not in current
-            or record_matches(r, current[r["source"]], plan.fingerprint, cfg.unit_rows)
+    try:
+        ledger.compact(
+            keep=lambda r: (
+                r["source"] not in current
+                or record_matches(r, current[r["source"]], plan.fingerprint, cfg.unit_rows)
+            )
         )
-    )
-    timings["compact_ledger"] = time.perf_counter() - step
-    result = summarize(cfg, plan, committer, tracker, ledger, timings, ray_stats, started_at, runtime)
-    result.summary["throughput"] = throughput
-    if error is not None:
-        result.summary["stopped"] = stop_reason(error, monitor, cfg)
-    write_json(fs, join(output_path, AUDIT_FILE), result.summary)
+        timings["compact_ledger"] = time.perf_counter() - step
+        result = summarize(cfg, plan, committer, tracker, ledger, timings, ray_stats, started_at, runtime)
+        result.summary["throughput"] = throughput
+        if error is not None:
+            result.summary["stopped"] = stop_reason(error, monitor, cfg)
+        write_json(fs, join(output_path, AUDIT_FILE), result.summary)
+    except Exception as exc:  # the output store failing at the end; unit records already written stand
+        stopped = f" The run had stopped: {stop_reason(error, monitor, cfg)}" if error is not None else ""
+        raise AuditIncomplete(
+            f"the audit could not fold its ledger or write {AUDIT_FILE} under OUTPUT {cfg.output} "
+            f"({error_text(exc)}).{stopped} Committed units are kept; rerun the same command once OUTPUT accepts "
+            "writes (committed units are skipped, nothing is written twice)."
+        ) from exc
     if cfg.report:
         write_audit_report(cfg)
     logger.info(
