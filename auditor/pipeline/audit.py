@@ -350,6 +350,7 @@ class DriverMonitor:
         self.progress = progress
         self.stall_timeout_s = stall_timeout_s
         self.stalled_s: float | None = None
+        self.cluster = ""  # cluster_state() when the stall was detected
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-monitor", daemon=True)
 
@@ -367,6 +368,7 @@ class DriverMonitor:
             idle = time.monotonic() - self.tracker.last_ack
             if idle > self.stall_timeout_s:
                 self.stalled_s = idle
+                self.cluster = cluster_state()  # now, while the stalled work still holds its resources
                 os.kill(os.getpid(), STALL_SIGNAL)
                 return
 
@@ -408,7 +410,7 @@ def stop_reason(error: BaseException, monitor: DriverMonitor | None, cfg: AuditC
         return (
             f"no work unit made progress for {monitor.stalled_s:.0f} s (--stall-timeout-s {cfg.stall_timeout_s:g}); "
             f"the cluster cannot run the pending work (a lost node, or actors holding every CPU the readers need). "
-            f"{cluster_state()}"
+            f"{monitor.cluster}"
         )
     if isinstance(error, AuditInterrupted) and str(error) == "SIGTERM":
         return "stopped by SIGTERM (ray job stop, or the operator)."
@@ -419,13 +421,16 @@ def stop_reason(error: BaseException, monitor: DriverMonitor | None, cfg: AuditC
 def cluster_state() -> str:
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
-        available = ray.available_resources()
         return (
-            f"Ray now has {len(alive)} alive node(s); available: "
-            f"{', '.join(f'{k}={v:g}' for k, v in sorted(available.items()) if k in ('CPU', 'GPU'))}."
+            f"Ray has {len(alive)} alive node(s) with {cpus_and_gpus(ray.cluster_resources())} in all; "
+            f"free when the run stalled: {cpus_and_gpus(ray.available_resources())}."
         )
     except Exception as exc:  # the state of a broken cluster may itself be unreadable
         return f"(cluster state unavailable: {type(exc).__name__})"
+
+
+def cpus_and_gpus(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU")) or "none"
 
 
 def run(cfg: AuditConfig) -> AuditResult:
