@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# The audit summary next to the results (what `auditor report` and `auditor filter` read).
+AUDIT_FILE = "_audit.json"
+
 # Columns of OUTPUT/scores (in this order, then the --keep-columns).
 ID = "id"
 CAPTION = "caption"

@@ -50,7 +50,7 @@ from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, s
 
 logger = logging.getLogger(__name__)
 
-AUDIT_FILE = "_audit.json"
+AUDIT_FILE = schema.AUDIT_FILE
 CPU_STAGE_MEMORY_BYTES = 512 * 2**20  # a worker with pyarrow + a tokenizer measured ~320 MiB
 # Rows per write-stage call: each call stages one file per unit it holds rows of, so this sets the staged file size.
 WRITE_BATCH_ROWS = 16_384

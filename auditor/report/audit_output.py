@@ -30,7 +30,7 @@ from auditor.io.storage import filesystem_for, join, to_uri
 logger = logging.getLogger(__name__)
 
 # The summary `auditor.pipeline.audit.run` writes (that module imports ray, so the name is repeated here).
-AUDIT_FILE = "_audit.json"
+AUDIT_FILE = schema.AUDIT_FILE
 BATCH_ROWS = 1 << 18
 FOOTER_THREADS = 16
 # Shard keys are file stems plus a hash; hive inference would turn a key like "00001" into an int.
