@@ -60,6 +60,7 @@ DEFAULT_BLOCK_BYTES = 128 * 2**20  # Ray Data's own default target_max_block_siz
 TOKENIZED_ROW_BYTES = 1400
 MONITOR_PERIOD_S = 1.0
 STALL_SIGNAL = signal.SIGUSR1
+COMMIT_RETRIES = 2  # attempts after the first when a commit task's worker or node dies
 COMMIT_GRACE_S = 60.0  # after an interruption, how long the driver waits for commit tasks already running
 # Environment every Ray worker of a local run gets (workers inherit the driver's; these keep logs quiet).
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -238,7 +239,10 @@ class UnitCommitter:
         self.in_flight: dict[ray.ObjectRef, UnitState] = {}
         self.committed: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
-        self.remote = ray.remote(num_cpus=0, max_retries=0)(commit_staged_unit)
+        # A commit whose worker or node died is retried (a node lost mid-run would otherwise fail the units it was
+        # committing); an error the commit raises is not: its unit fails and the next run redoes it. A retry
+        # rewrites the same part names, so it replaces what the dead attempt may have moved into place.
+        self.remote = ray.remote(num_cpus=0, max_retries=COMMIT_RETRIES)(commit_staged_unit)
         self.commit_cpu_s = 0.0  # CPU time of the commit tasks (for sizing: bench/pipeline.py sizing)
 
     def submit(self, ready: list[UnitState]) -> None:
