@@ -48,7 +48,8 @@ def staging_dir(output_path: str, shard: str) -> str:
 def write_parquet(fs: AbstractFileSystem, path: str, table: pa.Table) -> None:
     """Write under a temporary name beside `path`, then move into place (readers see all of it or nothing)."""
     parent, name = path.rsplit("/", 1)
-    temporary = join(parent, TEMPORARY_PREFIX + name)
+    # Unique per writer: a commit retried while the first attempt still runs on a cut-off node must not share it.
+    temporary = join(parent, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
     fs.makedirs(parent, exist_ok=True)
     with fs.open(temporary, "wb") as fh:
         pq.write_table(table, fh)

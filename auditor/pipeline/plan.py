@@ -5,13 +5,15 @@ Fails fast with ConfigError on configuration problems. Never imports ray.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import importlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,7 +220,26 @@ def diff_against_ledger(
     return pending, skipped, fresh, valid, stale
 
 
+@contextlib.contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """Planning allocates a few objects per input file and keeps them all; with 100k files Python's cyclic
+    collector rescans them again and again (measured: the ledger diff of 100k files 0.64 s with it, 0.22 s without).
+    None of them form cycles, so the collector is paused while they are built."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def plan_audit(cfg: AuditConfig) -> AuditPlan:
+    with garbage_collection_paused():
+        return _plan_audit(cfg)
+
+
+def _plan_audit(cfg: AuditConfig) -> AuditPlan:
     from auditor.scoring.loading import check_model_dir, fingerprint_model, resolve_model_dir
 
     timings: dict[str, float] = {}

@@ -148,7 +148,10 @@ class AuditProgress:
             if self._summary is not None:
                 return self._summary
             now = self._clock()
+            # The total is an estimate until every file's unit count is known; never end below what was done.
+            self.total_units = max(self.total_units, self.units_committed + self.units_failed)
             if self._bar is not None:
+                self._bar.total = self.total_units
                 self._draw_bar(now)
                 self._bar.close()
             seconds = now - self._start
