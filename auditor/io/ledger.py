@@ -72,9 +72,8 @@ class Ledger:
                 return dict(zip(paths, pool.map(self.fs.cat_file, paths), strict=True))
         return self.fs.cat(paths)  # one batched call; remote filesystems fetch concurrently
 
-    def entries(self) -> dict[UnitKey, dict[str, Any]]:
-        """The newest record of every unit, keyed by (source, unit)."""
-        snapshots, units = self._listing()
+    def _newest(self, snapshots: list[str], units: list[str]) -> dict[UnitKey, dict[str, Any]]:
+        """Read these ledger objects and keep the newest record of every unit (by committed_ns)."""
         contents = self._read_all(snapshots + units)
         records: list[dict[str, Any]] = []
         for path in snapshots:
@@ -89,6 +88,10 @@ class Ledger:
             if key not in newest or record["committed_ns"] >= newest[key]["committed_ns"]:
                 newest[key] = record
         return newest
+
+    def entries(self) -> dict[UnitKey, dict[str, Any]]:
+        """The newest record of every unit, keyed by (source, unit)."""
+        return self._newest(*self._listing())
 
     # Writing ---------------------------------------------------------------------------------------------------
     def mark(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -107,19 +110,7 @@ class Ledger:
         snapshots, units = self._listing()
         if not snapshots and not units:
             return 0
-        contents = self._read_all(snapshots + units)
-        newest: dict[UnitKey, dict[str, Any]] = {}
-        for path in snapshots:
-            for line in contents[path].decode("utf-8").splitlines():
-                if line:
-                    record = json.loads(line)
-                    newest[unit_key(record)] = record
-        for path in units:
-            record = json.loads(contents[path])
-            if "unit" in record:
-                key = unit_key(record)
-                if key not in newest or record["committed_ns"] >= newest[key]["committed_ns"]:
-                    newest[key] = record
+        newest = self._newest(snapshots, units)
         kept = [r for r in newest.values() if keep(r)]
         kept.sort(key=lambda r: (r["source"], r["unit"]))
         target = join(self.root, COMPACTED_DIR, f"{time.time_ns():020d}.jsonl")
