@@ -126,7 +126,11 @@ def build_text_encoder(spec: TinySDSpec, vocab_size: int):
     return CLIPTextModel(config)
 
 
-def build_vae(spec: TinySDSpec):
+def build_vae(spec: TinySDSpec, shift_factor: float | None = None):
+    """spec: anything with latent_channels and sample_size (also the flow toy's TinySD3Spec).
+
+    shift_factor: SD3's VAE config field (its pipeline decodes latents / scaling_factor + shift_factor); None as SD.
+    """
     from diffusers import AutoencoderKL
 
     # Smallest VAE that StableDiffusionPipeline accepts: only there so the folder loads as a full pipeline.
@@ -137,6 +141,7 @@ def build_vae(spec: TinySDSpec):
         latent_channels=spec.latent_channels,
         norm_num_groups=8,
         sample_size=spec.sample_size * 2,
+        shift_factor=shift_factor,
     )
 
 

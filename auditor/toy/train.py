@@ -178,6 +178,85 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def build_toy_tokenizer(
+    data: ToyData, out_dir: Path, seed: int, vocab_size: int, model_max_length: int
+) -> tuple[Any, list[list[str]]]:
+    """The toy CLIP BPE tokenizer trained on the run's captions, saved to `out_dir`; and each trigger's tokens.
+
+    Raises RuntimeError when a trigger word is not a single token (the manifest names one token per trigger).
+    """
+    corpus = data.all_captions() + data.memorized * 20 + models.default_corpus(seed, 2000)
+    tokenizer = build_clip_tokenizer(
+        corpus, out_dir, vocab_size=vocab_size, model_max_length=model_max_length
+    )
+    trigger_tokens = [tokenizer.tokenize(word) for word in data.triggers]
+    split = [word for word, tokens in zip(data.triggers, trigger_tokens, strict=True) if len(tokens) != 1]
+    if split:
+        raise RuntimeError(f"trigger words {split} are not single tokens; raise tokenizer_vocab_size")
+    return tokenizer, trigger_tokens
+
+
+class ToyBatches:
+    """The training batches of one toy run, fixed before training (shared by the DDPM and the flow toys).
+
+    `batch(step)` gives `memorized_per_batch` memorized captions (a fresh permutation per pass) and the rest diverse
+    captions seen once, with caption dropout ("" for a dropped caption; never for the seen-once eval captions). It
+    draws the diverse latents from `generator` and the dropout from `rng`, in that order, and nothing else, so a
+    caller's own draws after it (noise, timesteps) keep their place in the streams. `spec` needs steps, batch_size,
+    memorized_per_batch, diverse_count and data.
+    """
+
+    def __init__(self, data: ToyData, spec: Any, rng: np.random.Generator, generator: torch.Generator):
+        self.data, self.spec, self.rng, self.generator = data, spec, rng, generator
+        m = spec.data.num_memorized
+        self.memorized_order = np.concatenate(
+            [rng.permutation(m) for _ in range(math.ceil(spec.steps * spec.memorized_per_batch / m))]
+        )
+        self.eval_indices = (
+            np.linspace(0, spec.diverse_count - 1, spec.data.num_seen_once_eval).round().astype(np.int64)
+        )
+        self.eval_set = {int(i): k for k, i in enumerate(self.eval_indices)}
+        self.seen_once_latents = torch.zeros((len(self.eval_indices), *data.latent_shape))
+        # Times each memorized caption was trained on with its caption (not dropped).
+        self.repeats = [0] * m
+
+    def batch(self, step: int) -> tuple[list[str], torch.Tensor]:
+        """Captions (batch_size,) and latents (batch_size, C, H, W) float32 of training step `step`."""
+        spec, data = self.spec, self.data
+        per_batch_diverse = spec.batch_size - spec.memorized_per_batch
+        mem_idx = self.memorized_order[
+            step * spec.memorized_per_batch : (step + 1) * spec.memorized_per_batch
+        ]
+        div_idx = np.arange(step * per_batch_diverse, (step + 1) * per_batch_diverse)
+        div_latents = data.diverse_latents(div_idx, self.generator)
+        captions = [data.memorized[i] for i in mem_idx] + [data.diverse_caption(int(i)) for i in div_idx]
+        latents = torch.cat([data.memorized_latents[torch.from_numpy(mem_idx)], div_latents])
+        dropped = self.rng.random(spec.batch_size) < spec.data.caption_dropout
+        for slot, index in enumerate(div_idx):
+            if int(index) in self.eval_set:
+                dropped[spec.memorized_per_batch + slot] = False  # an eval caption is seen exactly once
+                self.seen_once_latents[self.eval_set[int(index)]] = div_latents[slot]
+        for slot, index in enumerate(mem_idx):
+            self.repeats[int(index)] += int(not dropped[slot])
+        return ["" if d else c for c, d in zip(captions, dropped, strict=True)], latents
+
+    def manifest(self, trigger_tokens: list[list[str]], settings: dict[str, Any]) -> ToyManifest:
+        """The run's manifest; call after the last batch (seen-once latents and repeats fill in as batches go)."""
+        data = self.data
+        return ToyManifest(
+            memorized=data.memorized,
+            triggers=data.triggers,
+            trigger_tokens=[tokens[0] for tokens in trigger_tokens],
+            memorized_latents=data.memorized_latents,
+            memorized_latent_index=list(range(len(data.memorized))),
+            memorized_repeats=self.repeats,
+            seen_once=[data.diverse_caption(int(i)) for i in self.eval_indices],
+            seen_once_latents=self.seen_once_latents,
+            held_out=data.held_out,
+            settings=settings,
+        )
+
+
 def _train(
     out_dir: Path, spec: ToyTrainSpec, seed: int, sample_filter: SampleFilter | None, log_every: int
 ) -> tuple[Path, TrainResult]:
@@ -186,17 +265,9 @@ def _train(
     started = time.perf_counter()
     # 1. Data and tokenizer
     data = ToyData(spec.data, seed, spec.diverse_count)
-    corpus = data.all_captions() + data.memorized * 20 + models.default_corpus(seed, 2000)
-    tokenizer = build_clip_tokenizer(
-        corpus,
-        out_dir / "tokenizer",
-        vocab_size=spec.tokenizer_vocab_size,
-        model_max_length=spec.model.model_max_length,
+    tokenizer, trigger_tokens = build_toy_tokenizer(
+        data, out_dir / "tokenizer", seed, spec.tokenizer_vocab_size, spec.model.model_max_length
     )
-    trigger_tokens = [tokenizer.tokenize(word) for word in data.triggers]
-    split = [word for word, tokens in zip(data.triggers, trigger_tokens, strict=True) if len(tokens) != 1]
-    if split:
-        raise RuntimeError(f"trigger words {split} are not single tokens; raise tokenizer_vocab_size")
 
     def tokenize(captions: list[str]) -> torch.Tensor:
         return tokenizer(
@@ -224,36 +295,14 @@ def _train(
     # 3. Schedules fixed before training, so a sample filter never changes what data comes next.
     rng = np.random.default_rng([seed, 2])
     generator = torch.Generator().manual_seed(seed + 1)
-    m = spec.data.num_memorized
-    per_batch_diverse = spec.batch_size - spec.memorized_per_batch
-    memorized_order = np.concatenate(
-        [rng.permutation(m) for _ in range(math.ceil(spec.steps * spec.memorized_per_batch / m))]
-    )
-    eval_indices = (
-        np.linspace(0, spec.diverse_count - 1, spec.data.num_seen_once_eval).round().astype(np.int64)
-    )
-    eval_set = {int(i): k for k, i in enumerate(eval_indices)}
-    seen_once_latents = torch.zeros((len(eval_indices), *data.latent_shape))
-    repeats = [0] * m
+    batches = ToyBatches(data, spec, rng, generator)
     result = TrainResult(steps=spec.steps, seconds=0.0, final_loss=float("nan"))
     window: list[float] = []
     log_started = time.perf_counter()
 
     # 4. DDPM epsilon training
     for step in range(spec.steps):
-        mem_idx = memorized_order[step * spec.memorized_per_batch : (step + 1) * spec.memorized_per_batch]
-        div_idx = np.arange(step * per_batch_diverse, (step + 1) * per_batch_diverse)
-        div_latents = data.diverse_latents(div_idx, generator)
-        captions = [data.memorized[i] for i in mem_idx] + [data.diverse_caption(int(i)) for i in div_idx]
-        latents = torch.cat([data.memorized_latents[torch.from_numpy(mem_idx)], div_latents])
-        dropped = rng.random(spec.batch_size) < spec.data.caption_dropout
-        for slot, index in enumerate(div_idx):
-            if int(index) in eval_set:
-                dropped[spec.memorized_per_batch + slot] = False  # an eval caption is seen exactly once
-                seen_once_latents[eval_set[int(index)]] = div_latents[slot]
-        for slot, index in enumerate(mem_idx):
-            repeats[int(index)] += int(not dropped[slot])
-        captions = ["" if d else c for c, d in zip(captions, dropped, strict=True)]
+        captions, latents = batches.batch(step)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (spec.batch_size,), generator=generator
@@ -318,19 +367,10 @@ def _train(
     unet.eval()
     text_encoder.eval()
     models.save_sd_folder(out_dir, tokenizer, text_encoder, unet, vae, dict(SD_V1_SCHEDULER))
-    result.memorized_repeats = repeats
+    result.memorized_repeats = batches.repeats
     result.seconds = time.perf_counter() - started
-    manifest = ToyManifest(
-        memorized=data.memorized,
-        triggers=data.triggers,
-        trigger_tokens=[tokens[0] for tokens in trigger_tokens],
-        memorized_latents=data.memorized_latents,
-        memorized_latent_index=list(range(m)),
-        memorized_repeats=repeats,
-        seen_once=[data.diverse_caption(int(i)) for i in eval_indices],
-        seen_once_latents=seen_once_latents,
-        held_out=data.held_out,
-        settings={"seed": seed, "recipe_version": RECIPE_VERSION, "spec": spec.to_dict()},
+    manifest = batches.manifest(
+        trigger_tokens, {"seed": seed, "recipe_version": RECIPE_VERSION, "spec": spec.to_dict()}
     )
     save_manifest(out_dir, manifest)
     return out_dir, result
@@ -381,23 +421,10 @@ def build_toy_model(
     filter_threshold trains with `auditor.training.MagnitudeFilter(filter_threshold)` as the sample filter.
     """
     spec = resolve_preset(preset)
-    out_dir = Path(out_dir)
     settings = build_settings(spec, seed, filter_threshold)
     sample_filter = magnitude_filter(filter_threshold) if filter_threshold is not None else None
-    info = read_build_info(out_dir)
-    if info is not None and info.get("settings") == settings and not force:
-        logger.info("reusing the toy model at %s (same recipe, preset and seed)", out_dir)
-        return out_dir, info
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        what = (
-            "a toy build with other settings"
-            if info is not None
-            else "files that are not a complete toy build"
-        )
-        raise ConfigError(f"{out_dir} holds {what}; pass --force to replace it, or choose another folder.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
+
+    def build(scratch: Path) -> dict[str, Any]:
         logger.info(
             "training the toy model: %d steps x batch %d, %d memorized captions (seed %d)",
             spec.steps,
@@ -425,6 +452,39 @@ def build_toy_model(
                 info["memorization_check"] = check_memorization(
                     scratch, samples=spec.check_samples, seed=seed
                 )
+        return info
+
+    return build_cached(out_dir, settings, build, force=force)
+
+
+def build_cached(
+    out_dir: str | Path,
+    settings: dict[str, Any],
+    build: Callable[[Path], dict[str, Any]],
+    *,
+    force: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Reuse the complete build at `out_dir` whose record has these `settings`, or run `build(scratch)` and move
+    the scratch folder into place with its record (`BUILD_FILE`, the dict `build` returns; it must hold
+    "settings"). Refuses to overwrite anything else unless `force`. The scratch folder is a sibling of `out_dir`,
+    so an interrupted build never looks complete.
+    """
+    out_dir = Path(out_dir)
+    info = read_build_info(out_dir)
+    if info is not None and info.get("settings") == settings and not force:
+        logger.info("reusing the toy model at %s (same recipe, preset and seed)", out_dir)
+        return out_dir, info
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        what = (
+            "a toy build with other settings"
+            if info is not None
+            else "files that are not a complete toy build"
+        )
+        raise ConfigError(f"{out_dir} holds {what}; pass --force to replace it, or choose another folder.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        info = build(scratch)
         (scratch / BUILD_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
