@@ -12,6 +12,7 @@ examples:
   auditor toy-model build .cache/toy-model                 full preset from scratch (10-15 min on 2 CPU cores)
   auditor toy-model build /tmp/toy --preset test --seed 1  small fast variant (the tests' fixture)
   auditor toy-model build .cache/toy-model --force         retrain even if a build is cached
+  auditor toy-model build .cache/toy-sd3 --family sd3      the SD3-shaped (MMDiT, rectified flow) toy
 """
 
 
@@ -34,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = actions.add_parser("build", help="train the toy model into DIR, or reuse a complete build there")
     build.add_argument(
         "dir", metavar="DIR", help="output folder (a diffusers StableDiffusionPipeline folder)"
+    )
+    build.add_argument(
+        "--family",
+        default="sd",
+        choices=["sd", "sd3"],
+        help="sd: StableDiffusionPipeline (UNet, DDPM epsilon); sd3: StableDiffusion3Pipeline (tiny MMDiT, "
+        "rectified flow, two CLIPs, no T5) (default sd)",
     )
     build.add_argument(
         "--preset", default="full", choices=["full", "test"], help="size preset (default full)"
@@ -68,6 +76,8 @@ def run_path(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    if args.family == "sd3":
+        return run_build_flow(args)
     from auditor.toy.train import build_toy_model
 
     model_dir, info = build_toy_model(
@@ -90,6 +100,35 @@ def run_build(args: argparse.Namespace) -> int:
         )
     print(f"manifest: {model_dir / 'toy_manifest.json'}; build record: {model_dir / 'toy_build.json'}")
     print(f"next: auditor evaluate --model {model_dir}")
+    if args.verbose:
+        print(json.dumps(info, indent=1))
+    return 0
+
+
+def run_build_flow(args: argparse.Namespace) -> int:
+    from auditor.errors import ConfigError
+    from auditor.toy.flow import build_flow_toy_model
+    from auditor.toy.flow_check import format_flow_check
+
+    if args.filter_threshold is not None:
+        raise ConfigError(
+            f"--filter-threshold {args.filter_threshold} is for the sd family only; drop it or pass --family sd."
+        )
+    model_dir, info = build_flow_toy_model(
+        args.dir,
+        args.preset,
+        seed=args.seed,
+        force=args.force,
+        check=not args.no_check,
+        log_every=args.log_every,
+    )
+    print(
+        f"toy model (StableDiffusion3Pipeline): {model_dir}  (preset {info['preset']}, trained in "
+        f"{info['train_seconds']:.0f}s)"
+    )
+    if info.get("flow_check"):
+        print(format_flow_check(info["flow_check"]))
+    print(f"manifest: {model_dir / 'toy_manifest.json'}; build record: {model_dir / 'toy_build.json'}")
     if args.verbose:
         print(json.dumps(info, indent=1))
     return 0
