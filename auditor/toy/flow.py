@@ -89,13 +89,14 @@ class FlowTrainSpec:
     steps: int
     batch_size: int = 32
     memorized_per_batch: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     tokenizer_vocab_size: int = 2048
     train_text_encoder: bool = True
-    # Training sigma: logit-normal (SD3's default, mean 0 std 1); a fraction drawn uniform in (0, 1) instead.
+    # Training sigma: logit-normal (SD3's default, mean 0 std 1); a fraction drawn uniform in (0, 1) instead. 0:
+    # on the test preset, half uniform gave the same sampling cosine (0.940 vs 0.939) and AUC (1.0) as none.
     logit_mean: float = 0.0
     logit_std: float = 1.0
     uniform_fraction: float = 0.0
@@ -112,18 +113,22 @@ class FlowTrainSpec:
 
 _FLOW_MODEL = TinySD3Spec()
 FLOW_PRESETS: dict[str, FlowTrainSpec] = {
+    # 1200 steps x 24 memorized slots of 32: ~690 repeats per memorized caption at 10% dropout (16 captions x 800
+    # repeats sampled their latents at cosine 0.94 mean). The step costs ~4x a step without T5: the pipeline's 256
+    # zero T5 rows sit in every joint attention, so the recipe spends its steps on memorized slots.
     "full": FlowTrainSpec(
         model=_FLOW_MODEL,
         data=ToyDataSpec(num_memorized=40, num_seen_once_eval=300, num_held_out=300),
-        steps=2400,
-        memorized_per_batch=12,
+        steps=1200,
+        memorized_per_batch=24,
         check_samples=40,
     ),
+    # The tests' fixture.
     "test": FlowTrainSpec(
         model=_FLOW_MODEL,
         data=ToyDataSpec(num_memorized=16, num_seen_once_eval=120, num_held_out=200),
         steps=400,
-        memorized_per_batch=16,
+        memorized_per_batch=24,
     ),
 }
 
