@@ -219,9 +219,14 @@ def check_flow_toy(
         name: detection_scores(pipe, captions, generations=generations, seed=seed, fixed_sigma=fixed_sigma)
         for name, captions in negatives.items()
     }
+    # ratio: lowest memorized score / highest negative score (> 1: the sets do not overlap, by that factor).
     detection = {
         score: {
-            name: detection_metrics(positive[score], negative[name][score]).to_dict() for name in negatives
+            name: {
+                **detection_metrics(positive[score], negative[name][score]).to_dict(),
+                "ratio": float(positive[score].min() / negative[name][score].max()),
+            }
+            for name in negatives
         }
         for score in positive
     }
@@ -255,13 +260,14 @@ def format_flow_check(summary: Mapping[str, Any]) -> str:
     lines = [
         f"sigmas: first {sig['first']:g}, second step {sig['second']:.4f}, fixed {sig['fixed']:g}; "
         f"{summary['generations']} generations, noise seed {summary['noise_seed']}",
-        f"{'score':<14} {'negatives':<10} {'AUC':>6} {'TPR@1%FPR':>10} {'mem mean':>9} {'neg mean':>9}",
+        f"{'score':<14} {'negatives':<10} {'AUC':>6} {'TPR@1%FPR':>10} {'mem mean':>9} {'neg mean':>9} "
+        f"{'min/max':>8}",
     ]
     for score, by_negatives in summary["detection"].items():
         for name, m in by_negatives.items():
             lines.append(
                 f"{score:<14} {name:<10} {m['auc']:>6.3f} {m['tpr_at_fpr']:>10.3f} "
-                f"{m['positive_mean']:>9.3f} {m['negative_mean']:>9.3f}"
+                f"{m['positive_mean']:>9.3f} {m['negative_mean']:>9.3f} {m.get('ratio', float('nan')):>8.2f}"
             )
     lines.append(
         f"sampling (StableDiffusion3Pipeline, Euler {s['euler_steps']}, CFG {s['guidance_scale']:g}): cosine to the "
