@@ -25,7 +25,8 @@ MIN_MEMORIZED_COSINE = 0.4
 
 @pytest.fixture(scope="session")
 def flow_toy(tmp_path_factory):
-    """The flow toy, `test` preset, seed 0, built with its check (about 2-3 min on 2 busy cores)."""
+    """The flow toy, `test` preset, seed 0, built with its check: 3 min of CPU (one thread); 19 min wall on 2 cores
+    at load average 10-20 (2026-12-01)."""
     return build_flow_toy_model(tmp_path_factory.mktemp("flow-toy") / "model", "test", seed=0)
 
 
