@@ -87,3 +87,19 @@ def toy_model_dir(tmp_path_factory) -> Path:
 
     path, _ = build_toy_model(tmp_path_factory.mktemp("toy") / "model", "test", seed=0)
     return path
+
+
+@pytest.fixture(scope="session")
+def family_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Random tiny pipelines of the newer families, built from configs with offline tokenizers (a few seconds):
+    sdxl, sd3 (with T5), sd3-no-t5 (text_encoder_3 recorded as null), pixart-sigma.
+    """
+    from auditor.toy.families import build_random_pixart, build_random_sd3, build_random_sdxl
+
+    root = tmp_path_factory.mktemp("families")
+    return {
+        "sdxl": build_random_sdxl(root / "sdxl", seed=0),
+        "sd3": build_random_sd3(root / "sd3", seed=0),
+        "sd3-no-t5": build_random_sd3(root / "sd3-no-t5", seed=1, t5=False),
+        "pixart-sigma": build_random_pixart(root / "pixart", seed=0),
+    }

@@ -162,7 +162,7 @@ class ScoreActor:
         self.node = current_node()
         self.threshold = resolve_threshold(cfg).value
         self.explain = load_explain() if cfg.explain_flagged else None
-        self.tokenizer = CaptionTokenizer(self.scorer.tokenizer)
+        self.tokenizer = CaptionTokenizer(self.scorer.caption_tokenizer)
         self._cache: OrderedDict[bytes, float] = OrderedDict()
         self.cache_hits = 0
         logger.info("ScoreActor ready on %s in %.1fs", self.scorer.device, time.perf_counter() - started)
