@@ -629,6 +629,7 @@ def summarize(
         "finished_at": utc_now(),
         "config": cfg.to_json(),
         "model_fingerprint": plan.model_fingerprint,
+        "model_family": plan.model_family,
         "run_fingerprint": plan.fingerprint,
         "threshold": plan.threshold.value,
         "threshold_origin": plan.threshold.origin,

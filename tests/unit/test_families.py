@@ -14,6 +14,7 @@ import torch
 from auditor import Scorer
 from auditor.errors import ModelLoadError
 from auditor.scoring import magnitude
+from auditor.scoring.families import Conditioning
 from auditor.scoring.layout import check_model_dir, detect_layout
 
 FAMILIES = ["sdxl", "sd3", "sd3-no-t5", "pixart-sigma"]
@@ -221,3 +222,60 @@ def test_pickle_only_transformer_weights_are_refused(family_model_dirs, tmp_path
     (model / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled")
     with pytest.raises(ModelLoadError, match=r"transformer has only pickle weights"):
         check_model_dir(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_explain_reports_each_tokenizers_rows_and_the_score(family, scorers):
+    from auditor.scoring.explain import explain
+
+    scorer = scorers[family]
+    caption = "a red cat sitting in a park"
+    result = explain(scorer, caption, generations=2)
+    assert result.magnitude == pytest.approx(float(scorer.score([caption], generations=2)[0]), rel=1e-4)
+    assert 0 < len(result.tokens) == len(result.significance) == len(result.share)
+    assert (result.significance > 0).all() and result.share.sum() == pytest.approx(1.0, rel=1e-5)
+    # SD3 with T5 reports the T5 rows beside the CLIP rows; the other families have one tokenizer's rows.
+    assert sorted(result.other) == (["t5"] if family == "sd3" else [])
+    for other in result.other.values():
+        assert 0 < len(other.tokens) == len(other.significance) and (other.significance > 0).all()
+
+
+def test_explain_gradients_are_those_of_the_score(scorers):
+    """Significance of a token = ||d score / d e_p[row]||: checked against central differences on PixArt's T5 rows."""
+    from auditor.scoring.explain import explain
+
+    scorer = scorers["pixart-sigma"]
+    caption = "a blue bicycle"
+    result = explain(scorer, caption)
+    cond = scorer.condition_tokens(scorer.tokenize([caption]))
+    x = scorer.initial_latents(1, 0)
+    row = int(np.argmax(result.significance))
+    step = 1e-2
+
+    def score_with(dim: int, delta: float) -> float:
+        embeds = cond.embeds.clone()
+        embeds[0, row, dim] += delta
+        return float(scorer.magnitudes(Conditioning(embeds, cond.pooled, cond.mask), x)[0])
+
+    gradient = [
+        (score_with(d, step) - score_with(d, -step)) / (2 * step) for d in range(cond.embeds.shape[-1])
+    ]
+    assert float(np.linalg.norm(gradient)) == pytest.approx(float(result.significance[row]), rel=2e-2)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "pixart-sigma"])
+def test_mitigate_lowers_the_magnitude_of_the_familys_conditioning(family, scorers):
+    from auditor.scoring.mitigate import mitigate
+
+    scorer = scorers[family]
+    caption = "a red cat sitting in a park"
+    before = float(scorer.score([caption])[0])
+    result = mitigate(scorer, caption, target=before / 2, lr=0.1, max_iters=20)
+    assert result.magnitude_before == pytest.approx(before, rel=1e-4)
+    assert result.magnitude_after < before * 0.9
+    cond = scorer.condition_tokens(scorer.tokenize([caption]))
+    optimised = Conditioning(result.prompt_embeds, result.pooled_prompt_embeds, cond.mask)
+    assert float(scorer.magnitudes(optimised, scorer.initial_latents(1, 0))[0]) == pytest.approx(
+        result.magnitude_after, rel=1e-4
+    )
+    assert (result.pooled_prompt_embeds is None) == (family == "pixart-sigma")
