@@ -19,10 +19,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # Metric names as recorded (the export adds the `ray_` prefix, and `_total` to counters).
+# Captions/s per actor is `rate(ray_auditor_rows_scored_total{status="ok"}[1m])` by WorkerId: a rate of the counter
+# survives actor restarts and the end of a run (Ray drops a dead worker's gauges, so a per-actor gauge would not).
 ROWS_SCORED = "auditor_rows_scored"  # counter {model, status}: rows through a score actor, by row status
 ROWS_FLAGGED = "auditor_rows_flagged"  # counter {model}: rows with score > threshold
 BATCH_SECONDS = "auditor_batch_seconds"  # histogram {model}: seconds per score-actor call
-CAPTIONS_PER_SECOND = "auditor_captions_per_second"  # gauge {model}, one series per actor (WorkerId)
 UNITS_COMMITTED = "auditor_units_committed"  # counter {model}: work units committed by the driver
 UNITS_FAILED = "auditor_units_failed"  # counter {model}
 UNITS_REMAINING = "auditor_units_remaining"  # gauge {model}: units this run still has to process
@@ -31,7 +32,6 @@ METRIC_NAMES = (
     ROWS_SCORED,
     ROWS_FLAGGED,
     BATCH_SECONDS,
-    CAPTIONS_PER_SECOND,
     UNITS_COMMITTED,
     UNITS_FAILED,
     UNITS_REMAINING,
@@ -81,15 +81,9 @@ class ScoreMetrics:
         )
         self.flagged = _metric("counter", ROWS_FLAGGED, "Rows flagged (score > threshold).", (MODEL_TAG,))
         self.seconds = _metric("histogram", BATCH_SECONDS, "Seconds per score-actor batch.", (MODEL_TAG,))
-        self.rate = _metric(
-            "gauge",
-            CAPTIONS_PER_SECOND,
-            "Captions scored per second in this actor's last batch.",
-            (MODEL_TAG,),
-        )
 
-    def record_batch(self, statuses: Mapping[str, int], flagged: int, scored: int, seconds: float) -> None:
-        """statuses: data rows of the batch by status; scored: rows with a score; seconds: the whole call."""
+    def record_batch(self, statuses: Mapping[str, int], flagged: int, seconds: float) -> None:
+        """statuses: data rows of the batch by status; seconds: the whole call."""
         if not self.enabled:
             return
         try:
@@ -99,8 +93,6 @@ class ScoreMetrics:
             if flagged:
                 self.flagged.inc(flagged, tags=self.tags)
             self.seconds.observe(seconds, tags=self.tags)
-            if scored and seconds > 0:
-                self.rate.set(scored / seconds, tags=self.tags)
         except Exception:  # observability boundary: a metric that fails never fails a batch
             logger.debug("recording the batch metrics failed", exc_info=True)
 

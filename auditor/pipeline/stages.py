@@ -206,9 +206,7 @@ class ScoreActor:
         # driver strips it before writing.
         if self.metrics.enabled:
             data_rows = Counter(s for s in status if s not in schema.CONTROL_STATUSES)
-            self.metrics.record_batch(
-                data_rows, int(flagged.sum()), int(ok.sum()), time.perf_counter() - started
-            )
+            self.metrics.record_batch(data_rows, int(flagged.sum()), time.perf_counter() - started)
         if ok.any():
             runtime = json.dumps({**self.scorer.runtime, **self.host_info}, sort_keys=True)
             out = out.replace_schema_metadata({schema.ACTOR_RUNTIME_KEY: runtime.encode()})

@@ -13,7 +13,7 @@ def test_recorders_are_no_ops_without_ray():
         "import sys\n"
         "from auditor.pipeline.metrics import DriverMetrics, ScoreMetrics\n"
         "s = ScoreMetrics('ab' * 32)\n"
-        "s.record_batch({'ok': 3}, flagged=1, scored=3, seconds=0.5)\n"
+        "s.record_batch({'ok': 3}, flagged=1, seconds=0.5)\n"
         "d = DriverMetrics('ab' * 32)\n"
         "d.update({'units_committed': 1, 'units_failed': 0, 'units_remaining': 2, 'eta_s': None})\n"
         "print(s.enabled, d.enabled, any(m == 'ray' or m.startswith('ray.') for m in sys.modules))\n"
