@@ -80,9 +80,69 @@ class ParsedConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AuditConfig(ParsedConfig):
+class ScoreConfig:
+    """What a score actor depends on: the model, the score's options and the threshold; no inputs, no outputs.
+
+    `AuditConfig` is one (plus inputs, outputs and the run's options); `auditor.ray_data` builds one from its
+    keyword arguments. threshold None and threshold_file None: nothing is flagged. cpus_per_actor also sets the
+    actor's torch threads on CPU. Error messages name the options as `option()` spells them: keyword arguments
+    here, flags (`--batch-size`) in `AuditConfig`.
+    """
+
+    model: str
+    caption_column: str = "caption"
+    generations: int = 1
+    steps: int = 1
+    seed: int = 0
+    threshold: float | None = None
+    threshold_file: str | None = None
+    batch_size: int = 32
+    cpus_per_actor: float = 1.0
+    dtype: str = "auto"
+    cuda_graphs: bool | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    explain_flagged: bool = False
+
+    @staticmethod
+    def option(name: str) -> str:
+        """How an error message names the option `name` (kebab-case): the keyword argument."""
+        return name.replace("-", "_")
+
+    def __post_init__(self) -> None:
+        o = self.option
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(f"storage_options must be a dict, got {type(self.storage_options).__name__}.")
+        _check_storage_options(self.storage_options)
+        if not str(self.model).strip():
+            raise ConfigError(f"{o('model')} is empty; pass a diffusers folder, hub id or s3:// URI.")
+        if not self.caption_column:
+            raise ConfigError(
+                f"{o('caption-column')} is empty; pass the name of the column that holds the captions."
+            )
+        for name, value, low in (("generations", self.generations, 1), ("batch-size", self.batch_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{o(name)} must be an int >= {low}, got {value!r}.")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"{o('steps')} must be an int in 1..{MAX_STEPS}, got {self.steps!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"{o('seed')} must be an int >= 0, got {self.seed!r}.")
+        if self.threshold is not None and self.threshold_file is not None:
+            raise ConfigError(f"pass {o('threshold')} or {o('threshold-file')}, not both.")
+        if self.threshold is not None and (
+            not isinstance(self.threshold, int | float) or not math.isfinite(self.threshold)
+        ):
+            raise ConfigError(f"{o('threshold')} must be a finite number, got {self.threshold!r}.")
+        if not self.cpus_per_actor > 0:
+            raise ConfigError(f"{o('cpus-per-actor')} must be > 0, got {self.cpus_per_actor!r}.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{o('dtype')} {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig(ScoreConfig, ParsedConfig):
     """Everything one audit run depends on; `to_json()` is written next to the results.
 
+    The scoring fields are `ScoreConfig`'s (the score actor takes an AuditConfig as its ScoreConfig).
     threshold None and threshold_file None: no row is flagged (flagged = False everywhere) and the threshold
     origin is recorded as "none"; scores are still written, so a threshold can be applied later.
     gpus_per_actor is used only when the Ray cluster reports GPUs; cpus_per_actor also sets the actor's torch threads.
@@ -91,25 +151,12 @@ class AuditConfig(ParsedConfig):
 
     inputs: tuple[str, ...]
     output: str
-    model: str
-    caption_column: str = "caption"
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()
     format: str | None = None
-    generations: int = 1
-    steps: int = 1
-    seed: int = 0
-    threshold: float | None = None
-    threshold_file: str | None = None
-    batch_size: int = 32
     actors: int = 1
-    cpus_per_actor: float = 1.0
     gpus_per_actor: float = 1.0
-    dtype: str = "auto"
-    cuda_graphs: bool | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
     force: bool = False
-    explain_flagged: bool = False
     quiet: bool = False
     address: str | None = None
     num_cpus: int | None = None
@@ -118,41 +165,22 @@ class AuditConfig(ParsedConfig):
     progress_interval: float = 30.0
     stall_timeout_s: float = 900.0
 
+    @staticmethod
+    def option(name: str) -> str:
+        """The audit's options are flags: `--batch-size`."""
+        return f"--{name}"
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
         object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
         _check_common(self.inputs, self.output, self.format, self.storage_options)
-        if not str(self.model).strip():
-            raise ConfigError("--model is empty; pass a diffusers folder, hub id or s3:// URI.")
-        if not self.caption_column:
-            raise ConfigError(
-                "--caption-column is empty; pass the name of the column that holds the captions."
-            )
-        for name, value, low in (
-            ("generations", self.generations, 1),
-            ("batch-size", self.batch_size, 1),
-            ("unit-rows", self.unit_rows, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"--{name} must be an int >= {low}, got {value!r}.")
+        super().__post_init__()
+        if not isinstance(self.unit_rows, int) or isinstance(self.unit_rows, bool) or self.unit_rows < 1:
+            raise ConfigError(f"--unit-rows must be an int >= 1, got {self.unit_rows!r}.")
         if not isinstance(self.actors, int) or self.actors < 1:
             raise ConfigError(f"--actors must be an int >= 1, got {self.actors!r}.")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise ConfigError(f"--steps must be an int in 1..{MAX_STEPS}, got {self.steps!r}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError(f"--seed must be an int >= 0, got {self.seed!r}.")
-        if self.threshold is not None and self.threshold_file is not None:
-            raise ConfigError("pass --threshold or --threshold-file, not both.")
-        if self.threshold is not None and (
-            not isinstance(self.threshold, int | float) or not math.isfinite(self.threshold)
-        ):
-            raise ConfigError(f"--threshold must be a finite number, got {self.threshold!r}.")
-        if not self.cpus_per_actor > 0:
-            raise ConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor!r}.")
         if not self.gpus_per_actor >= 0:
             raise ConfigError(f"--gpus-per-actor must be >= 0 (0 = CPU actors), got {self.gpus_per_actor!r}.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}.")
         if isinstance(self.progress_interval, bool) or not (
             isinstance(self.progress_interval, int | float) and self.progress_interval > 0
         ):

@@ -27,9 +27,10 @@ TOKEN_SIGNIFICANCE = "token_significance"
 # Hive partition column: one value per input file (see auditor.io.inputs.shard_key), so every input file owns
 # exactly one folder scores/shard=<key>/ and a rerun of that file replaces it whole.
 SHARD = "shard"
-# Added by `auditor filter --mode mark`.
+# Added by `auditor filter --mode mark` and by `auditor.ray_data.add_memorization_scores` (which adds the status too).
 MEMORIZATION_FLAG = "memorization_flag"
 MEMORIZATION_SCORE = "memorization_score"
+MEMORIZATION_STATUS = "memorization_status"
 
 # Schema metadata key on the score actor's output batches: its Scorer.runtime as JSON (for _audit.json).
 ACTOR_RUNTIME_KEY = b"auditor.actor_runtime"

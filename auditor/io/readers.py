@@ -234,19 +234,11 @@ def _jsonl_table(
     return pa.table(arrays)
 
 
-def _normalise(
-    table: pa.Table,
-    file: InputFile,
-    caption_column: str,
-    id_column: str | None,
-    keep_columns: tuple[str, ...],
-    start: int,
-) -> pa.Table:
-    n = table.num_rows
-    rows = pa.array(range(start, start + n), type=pa.int64())
-    caption = table.column(caption_column)
-    status = table.column("_status") if "_status" in table.column_names else pa.nulls(n, pa.string())
-    error = table.column("_error") if "_error" in table.column_names else pa.nulls(n, pa.string())
+def string_captions(
+    caption: pa.Array | pa.ChunkedArray, caption_column: str, status: Any, error: Any
+) -> tuple[Any, Any, Any]:
+    """(caption as string, status, error): a caption column of another type gives null captions, and NOT_STRING
+    with an error on its non-null rows. status / error: the rows' current values (null where none yet)."""
     if not (
         pa.types.is_string(caption.type)
         or pa.types.is_large_string(caption.type)
@@ -257,8 +249,23 @@ def _normalise(
         error = pc.if_else(
             bad, pa.scalar(f"caption column {caption_column!r} is {caption.type}, expected string"), error
         )
-        caption = pa.nulls(n, pa.string())
-    caption = caption.cast(pa.string())
+        caption = pa.nulls(len(caption), pa.string())
+    return caption.cast(pa.string()), status, error
+
+
+def _normalise(
+    table: pa.Table,
+    file: InputFile,
+    caption_column: str,
+    id_column: str | None,
+    keep_columns: tuple[str, ...],
+    start: int,
+) -> pa.Table:
+    n = table.num_rows
+    rows = pa.array(range(start, start + n), type=pa.int64())
+    status = table.column("_status") if "_status" in table.column_names else pa.nulls(n, pa.string())
+    error = table.column("_error") if "_error" in table.column_names else pa.nulls(n, pa.string())
+    caption, status, error = string_captions(table.column(caption_column), caption_column, status, error)
     synthetic = pa.array([f"{file.source}:{r}" for r in range(start, start + n)], type=pa.string())
     if id_column:
         ids = table.column(id_column)

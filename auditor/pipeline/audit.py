@@ -44,6 +44,7 @@ from auditor.pipeline.commit import (
     unit_record,
     utc_now,
 )
+from auditor.pipeline.metrics import DriverMetrics
 from auditor.pipeline.plan import AuditPlan, WorkItem, committed_units, plan_audit, record_matches
 from auditor.pipeline.progress import AuditProgress
 from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, stage_and_acknowledge
@@ -168,7 +169,10 @@ def block_bytes_for(unit_rows: int) -> int:
     return int(min(DEFAULT_BLOCK_BYTES, max(1, unit_rows // 4) * TOKENIZED_ROW_BYTES))
 
 
-def build_dataset(cfg: AuditConfig, items: list[WorkItem], resources: dict[str, float]) -> ray.data.Dataset:
+def build_dataset(
+    cfg: AuditConfig, items: list[WorkItem], resources: dict[str, float], model_fingerprint: str | None = None
+) -> ray.data.Dataset:
+    """model_fingerprint: the plan's, for the score actors' metrics tags (None: each actor hashes the model)."""
     ray.data.DataContext.get_current().target_max_block_size = block_bytes_for(cfg.unit_rows)
     rows = [{**dataclasses.asdict(item.file), DONE_UNITS: sorted(item.done_units)} for item in items]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -185,7 +189,7 @@ def build_dataset(cfg: AuditConfig, items: list[WorkItem], resources: dict[str, 
     )
     ds = ds.map_batches(
         ScoreActor,
-        fn_constructor_kwargs={"cfg": cfg},
+        fn_constructor_kwargs={"cfg": cfg, "model_fingerprint": model_fingerprint},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -347,11 +351,19 @@ class DriverMonitor:
     """A thread beside the driver loop: ticks the progress line, and interrupts the loop (SIGUSR1 to this
     process, which the loop's handler turns into AuditInterrupted) when no acknowledgement has arrived for
     stall_timeout_s: a cluster that lost a node can wait forever for work it cannot schedule, without a word.
+    With metrics, it also exports the progress (units, ETA) to Prometheus at each tick.
     """
 
-    def __init__(self, tracker: UnitTracker, progress: AuditProgress, stall_timeout_s: float):
+    def __init__(
+        self,
+        tracker: UnitTracker,
+        progress: AuditProgress,
+        stall_timeout_s: float,
+        metrics: DriverMetrics | None = None,
+    ):
         self.tracker = tracker
         self.progress = progress
+        self.metrics = metrics
         self.stall_timeout_s = stall_timeout_s
         self.stalled_s: float | None = None
         self.cluster = ""  # cluster_state() when the stall was detected
@@ -369,6 +381,8 @@ class DriverMonitor:
     def _run(self) -> None:
         while not self._stop.wait(MONITOR_PERIOD_S):
             self.progress.tick()
+            if self.metrics is not None:
+                self.metrics.update(self.progress.snapshot())
             idle = time.monotonic() - self.tracker.last_ack
             if idle > self.stall_timeout_s:
                 self.stalled_s = idle
@@ -474,10 +488,11 @@ def run(cfg: AuditConfig) -> AuditResult:
             expected_units(plan, tracker), interval_s=cfg.progress_interval, quiet=cfg.quiet
         )
         committer = UnitCommitter(cfg, plan, ledger, progress)
-        ds = build_dataset(cfg, plan.pending, resources)
+        ds = build_dataset(cfg, plan.pending, resources, plan.model_fingerprint)
+        metrics = DriverMetrics(plan.model_fingerprint)
         tracker.last_ack = time.monotonic()
         try:
-            with interruptible(), DriverMonitor(tracker, progress, cfg.stall_timeout_s) as monitor:
+            with interruptible(), DriverMonitor(tracker, progress, cfg.stall_timeout_s, metrics) as monitor:
                 for acks in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     committer.submit(tracker.consume(acks))
                     committer.poll()
@@ -493,6 +508,7 @@ def run(cfg: AuditConfig) -> AuditResult:
             except Exception as exc:
                 error = error or exc
             throughput = progress.close()
+            metrics.update(progress.snapshot())
         if error is None:
             # Nothing is in flight now: what staging still holds belongs to failed units or to task attempts
             # that Ray retried (their rows were acknowledged from the retry), never to a committed unit.
