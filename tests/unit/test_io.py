@@ -290,7 +290,9 @@ ROW = {"id": "x", "caption": "c", "score": 1.0, "flagged": True, "source": "s", 
 
 def test_staged_rows_are_invisible_until_the_unit_commits(tmp_path):
     out = str(tmp_path / "out")
-    first = stage_rows(LOCAL, out, "k1", 3, pa.Table.from_pylist([{**ROW, "row": 5, "_unit": 3}]))
+    first = stage_rows(
+        LOCAL, out, "k1", 3, pa.Table.from_pylist([{**ROW, "row": 5, schema.UNIT: 3, schema.NODE: "host/1"}])
+    )
     second = stage_rows(LOCAL, out, "k1", 3, pa.Table.from_pylist([{**ROW, "row": 4, "id": "y"}]))
     assert read_shard(LOCAL, f"{out}/scores", "k1", ["id"]) is None  # staged outside scores/
     parts = commit_unit(LOCAL, out, "k1", 3, [first, second], schema.flagged_schema(False))
@@ -299,7 +301,8 @@ def test_staged_rows_are_invisible_until_the_unit_commits(tmp_path):
         {"id": "y", "row": 4},
         {"id": "x", "row": 5},
     ]  # row order, internal columns dropped
-    assert "_unit" not in pq.read_schema(parts["scores"]).names
+    assert pq.read_schema(parts["scores"]).names == schema.SCORES_SCHEMA.names  # no _unit, no _node
+    assert pq.read_schema(parts["flagged"]).names == schema.flagged_schema(False).names
     assert read_shard(LOCAL, f"{out}/flagged", "k1", ["id"]).num_rows == 2
     assert not list((tmp_path / "out" / "_staging").rglob("*.parquet"))
     # A redo of the same unit replaces its part (here with no flags: the flagged part goes too).
