@@ -232,3 +232,19 @@ def test_the_readers_users_have_see_the_same_rows_and_types(audit, table, reques
         )
         assert t.to_pylist() == tables["pyarrow"].to_pylist(), name
     assert tables["pyarrow"].num_rows > 0
+
+
+def test_filter_reads_compressed_inputs_too(compressed_audit):
+    from auditor.config import FilterConfig
+    from auditor.pipeline.filter import run_filter
+
+    cfg, _, _, _ = compressed_audit
+    clean = Path(cfg.output).parent / "clean"
+    result = run_filter(
+        FilterConfig(inputs=cfg.inputs, audit_output=cfg.output, output=str(clean), quiet=True)
+    )
+    flagged = sum(read_hive(cfg.output, SCORES_DIR)[schema.FLAGGED].to_pylist()) // 5  # per copy of TEXTS
+    for name in ("a", "b", "c", "d", "e"):  # one parquet per input file, named without its extensions
+        assert pq.read_table(clean / f"{name}.parquet").num_rows == len(TEXTS) - flagged, name
+    by_file = {Path(f["source"]).name: f for f in result.files}
+    assert not by_file["z_cut.jsonl.gz"]["audited"] and result.exit_code == 1  # no audit results: kept out
