@@ -209,6 +209,12 @@ class AuditConfig(ParsedConfig):
                 f"--keep-columns {', '.join(clashes)} clash with output columns of the same name; "
                 "rename them in the input or leave them out."
             )
+        internal = sorted(set(self.keep_columns) & schema.INTERNAL_COLUMNS)
+        if internal:
+            raise ConfigError(
+                f"--keep-columns {', '.join(internal)} are names of the audit's internal columns, which are never "
+                "written; rename them in the input or leave them out."
+            )
         if len(set(self.keep_columns)) != len(self.keep_columns):
             raise ConfigError(f"--keep-columns lists a column twice: {','.join(self.keep_columns)}.")
 

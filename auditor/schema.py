@@ -49,6 +49,8 @@ UNIT_FIELDS = (
     pa.field(UNIT_ROWS, pa.int64()),
     pa.field(FILE_UNITS, pa.int32()),
 )
+# Every internal column: dropped when rows are staged, so none reaches a file (nor can be a --keep-columns name).
+INTERNAL_COLUMNS = frozenset({INPUT_IDS, ATTENTION_MASK, NODE, *(f.name for f in UNIT_FIELDS)})
 
 # Row statuses. Everything but OK has a null score and flagged = False.
 OK = "ok"

@@ -65,6 +65,10 @@ def test_to_json_round_trips():
         ({"format": "parquet", "compression": "gzip"}, "--compression gzip does not apply to parquet"),
         ({"keep_columns": ("score",)}, "clash with output columns"),
         ({"keep_columns": ("a", "a")}, "twice"),
+        (
+            {"keep_columns": ("url", "_node")},
+            "--keep-columns _node are names of the audit's internal columns",
+        ),
         ({"num_cpus": 1}, "--num-cpus must be >= 2"),
         ({"inputs": ()}, "INPUT must name"),
         ({"caption_column": ""}, "--caption-column is empty"),
