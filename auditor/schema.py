@@ -42,7 +42,7 @@ UNIT = "_unit"
 UNIT_ROWS = "_unit_rows"
 FILE_UNITS = "_file_units"
 # The Ray node that scored a row (set by the score actor; the write stage counts it into its acknowledgement and
-# drops it when staging rows, auditor.io.parquet.INTERNAL_COLUMNS): per-node throughput in _audit.json only.
+# drops it when staging rows, INTERNAL_COLUMNS below): per-node throughput in _audit.json only.
 NODE = "_node"
 UNIT_FIELDS = (
     pa.field(UNIT, pa.int32()),
