@@ -19,25 +19,30 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import pyarrow.parquet as pq
+from fsspec.compression import compr, register_compression
 from fsspec.spec import AbstractFileSystem
 
 from auditor.errors import ConfigError, InputDataError
 from auditor.formats import CODEC_EXTENSIONS, EXTENSIONS, TEXT_FORMATS, resolve_format
 from auditor.io.storage import filesystem_for, to_uri
 
-try:  # what fsspec decompresses zstd with: compression.zstd from Python 3.14, backports.zstd before
-    from compression.zstd import ZstdError  # type: ignore[import-not-found]
+try:  # zstd files: compression.zstd from Python 3.14 on, backports.zstd (a dependency) before
+    from compression.zstd import ZstdError, ZstdFile  # type: ignore[import-not-found]
 except ImportError:
     try:
-        from backports.zstd import ZstdError
+        from backports.zstd import ZstdError, ZstdFile
     except ImportError:  # no zstd codec: fsspec refuses .zst files before any read
-        ZstdError = lzma.LZMAError  # type: ignore[misc,assignment]
+        ZstdError = ZstdFile = None  # type: ignore[misc,assignment]
+if ZstdFile is not None and compr.get("zstd") is not ZstdFile:
+    # fsspec releases before its backports.zstd support register zstandard's stream reader, which has no
+    # readline, so line-based reading fails: use the file class, as newer fsspec does.
+    register_compression("zstd", ZstdFile, "zst", force=True)
 
 logger = logging.getLogger(__name__)
 
 # What a truncated or corrupt compressed stream raises while it is read: EOFError (gzip, bz2, xz, zstd cut short),
 # OSError (gzip BadGzipFile, bz2 "Invalid data stream"), the codecs' own errors.
-DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, ZstdError)
+DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, *([ZstdError] if ZstdError else []))
 GLOB_CHARS = re.compile(r"[*?\[]")
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # txt files have one column: the caption. Named like Ray Data's read_text column.

@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import json
 import lzma
+import subprocess
+import sys
 
 import fsspec
 import pyarrow as pa
@@ -166,6 +168,17 @@ def test_truncated_archive_raises_naming_the_file_and_codec(tmp_path, ext, codec
     path.write_bytes(b"not compressed at all\n" * 50)
     with pytest.raises(InputDataError, match=rf"{name} cannot be decompressed as {codec}.*--compression"):
         peek_columns(LOCAL, file)
+
+
+def test_zstd_is_read_with_the_file_class_whatever_fsspec_registered():
+    code = (
+        "from fsspec.compression import compr, register_compression\n"
+        "register_compression('zstd', lambda f, mode='rb': f, 'zst', force=True)\n"  # as an older fsspec
+        "import auditor.io.inputs as inputs\n"
+        "print(compr['zstd'] is inputs.ZstdFile and inputs.ZstdFile is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 def test_json_array_is_refused_with_the_conversion(tmp_path):
