@@ -19,8 +19,16 @@ if TYPE_CHECKING:
 
 from auditor import schema
 from auditor.errors import ConfigError
+from auditor.formats import (
+    CODEC_EXTENSIONS,
+    COMPRESSIONS,
+    FORMAT_NAMES,
+    FORMATS,
+    NO_COMPRESSION,
+    TEXT_FORMATS,
+    split_name,
+)
 
-FORMATS = ("parquet", "jsonl", "csv", "tsv", "txt")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 MAX_STEPS = 50  # the DDIM-50 schedule the score follows
 # Rows per work unit (whole parquet row groups): the resume, commit and output-file granularity. At 100k rows a unit
@@ -50,13 +58,37 @@ def _check_common(inputs: tuple[str, ...], output: str, fmt: str | None, options
         raise ConfigError(f"INPUT must name at least one file, folder, glob or URI, got {list(inputs)!r}.")
     if not str(output).strip():
         raise ConfigError("OUTPUT must be a folder path or URI, got an empty string.")
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMAT_NAMES:
         raise ConfigError(
-            f"--format {fmt!r} is not one of {', '.join(FORMATS)}; leave it out to pick by extension."
+            f"--format {fmt!r} is not one of {', '.join(FORMATS)}, nor one of {', '.join(TEXT_FORMATS)} followed by "
+            f"{', '.join(CODEC_EXTENSIONS)} (e.g. jsonl.gz); leave it out to pick by extension."
         )
     if not isinstance(options, dict):
         raise ConfigError(f"storage_options must be a dict, got {type(options).__name__}.")
     _check_storage_options(options)
+
+
+def _split_format(config: Any) -> None:
+    """Check --compression, then split a --format with a codec (`jsonl.gz`) into the format and, unless
+    --compression is given (it overrides), the compression, so that config.format is a FORMATS name.
+    """
+    if config.compression is not None and config.compression not in COMPRESSIONS:
+        raise ConfigError(
+            f"--compression {config.compression!r} is not one of {', '.join(COMPRESSIONS)}; leave it out to pick "
+            f"by extension ({', '.join(CODEC_EXTENSIONS)})."
+        )
+    if config.format is None or config.format in FORMATS:
+        fmt = config.format
+    else:
+        fmt, codec = split_name(f".{config.format}")
+        if config.compression is None:
+            object.__setattr__(config, "compression", codec)
+        object.__setattr__(config, "format", fmt)
+    if fmt == "parquet" and config.compression not in (None, NO_COMPRESSION):
+        raise ConfigError(
+            f"--compression {config.compression} does not apply to parquet (it compresses inside the file); "
+            f"--compression is for {', '.join(TEXT_FORMATS)} inputs."
+        )
 
 
 class ParsedConfig:
@@ -154,6 +186,7 @@ class AuditConfig(ScoreConfig, ParsedConfig):
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()
     format: str | None = None
+    compression: str | None = None
     actors: int = 1
     gpus_per_actor: float = 1.0
     force: bool = False
@@ -174,6 +207,7 @@ class AuditConfig(ScoreConfig, ParsedConfig):
         object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
         object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
         _check_common(self.inputs, self.output, self.format, self.storage_options)
+        _split_format(self)
         super().__post_init__()
         if not isinstance(self.unit_rows, int) or isinstance(self.unit_rows, bool) or self.unit_rows < 1:
             raise ConfigError(f"--unit-rows must be an int >= 1, got {self.unit_rows!r}.")
@@ -203,6 +237,12 @@ class AuditConfig(ScoreConfig, ParsedConfig):
                 f"--keep-columns {', '.join(clashes)} clash with output columns of the same name; "
                 "rename them in the input or leave them out."
             )
+        internal = sorted(set(self.keep_columns) & schema.INTERNAL_COLUMNS)
+        if internal:
+            raise ConfigError(
+                f"--keep-columns {', '.join(internal)} are names of the audit's internal columns, which are never "
+                "written; rename them in the input or leave them out."
+            )
         if len(set(self.keep_columns)) != len(self.keep_columns):
             raise ConfigError(f"--keep-columns lists a column twice: {','.join(self.keep_columns)}.")
 
@@ -220,6 +260,7 @@ class FilterConfig(ParsedConfig):
     output: str
     mode: str = "drop"
     format: str | None = None
+    compression: str | None = None
     id_column: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
@@ -229,6 +270,7 @@ class FilterConfig(ParsedConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
         _check_common(self.inputs, self.output, self.format, self.storage_options)
+        _split_format(self)
         if not str(self.audit_output).strip():
             raise ConfigError(
                 "AUDIT_OUTPUT must be the OUTPUT folder of `auditor audit`, got an empty string."
@@ -290,9 +332,19 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=FORMAT_NAMES,
+        metavar="FORMAT",
         default=argparse.SUPPRESS,
-        help="input format for every file (default: by extension: .parquet, .jsonl/.json/.ndjson, .csv, .tsv, .txt)",
+        help="input format for every file: parquet, jsonl, csv, tsv or txt, the text ones also compressed "
+        "(jsonl.gz, csv.zst, ...). Default: by extension: .parquet, .jsonl/.json/.ndjson, .csv, .tsv, .txt, each "
+        "of the text ones optionally followed by .gz, .bz2, .zst or .xz (.json is JSON lines)",
+    )
+    group.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        default=argparse.SUPPRESS,
+        help="codec of every text input, overriding its extension and --format (none: read files as they are). "
+        "Default: by extension (.gz gzip, .bz2, .zst zstd, .xz)",
     )
     group.add_argument(
         "--address",
@@ -319,7 +371,8 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="files, folders, globs or fsspec URIs (s3://bucket/prefix/); parquet, jsonl, csv, tsv or txt",
+        help="files, folders, globs or fsspec URIs (s3://bucket/prefix/); parquet, jsonl, csv, tsv or txt, the "
+        "text ones also as .gz, .bz2, .zst or .xz",
     )
     parser.add_argument(
         "output", metavar="OUTPUT", help="output folder or URI: scores/, flagged/, _audit.json"

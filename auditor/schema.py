@@ -42,13 +42,16 @@ ATTENTION_MASK = "_attention_mask"
 UNIT = "_unit"
 UNIT_ROWS = "_unit_rows"
 FILE_UNITS = "_file_units"
-# The Ray node that scored a row (set by the score actor, dropped before writing): per-node throughput.
+# The Ray node that scored a row (set by the score actor; the write stage counts it into its acknowledgement and
+# drops it when staging rows, INTERNAL_COLUMNS below): per-node throughput in _audit.json only.
 NODE = "_node"
 UNIT_FIELDS = (
     pa.field(UNIT, pa.int32()),
     pa.field(UNIT_ROWS, pa.int64()),
     pa.field(FILE_UNITS, pa.int32()),
 )
+# Every internal column: dropped when rows are staged, so none reaches a file (nor can be a --keep-columns name).
+INTERNAL_COLUMNS = frozenset({INPUT_IDS, ATTENTION_MASK, NODE, *(f.name for f in UNIT_FIELDS)})
 
 # Row statuses. Everything but OK has a null score and flagged = False.
 OK = "ok"

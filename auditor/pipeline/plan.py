@@ -137,6 +137,9 @@ def run_fingerprint(cfg: AuditConfig, model_fingerprint: str, threshold: Thresho
     """sha256 of the model and every option that changes output rows: a ledger record is reused only on a match."""
     payload = {name: getattr(cfg, name) for name in RESULT_FIELDS}
     payload.update(model=model_fingerprint, threshold=threshold.value)
+    if cfg.compression is not None:
+        # Only when given, so that audits from before --compression existed keep their fingerprint.
+        payload["compression"] = cfg.compression
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -275,7 +278,7 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
     if cfg.explain_flagged:
         load_explain()
     # 2. Inputs (one listing, identities included) and what the ledger already holds.
-    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options)
+    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options, cfg.compression)
     timings["list_inputs"] = time.perf_counter() - started
     started = time.perf_counter()
     out_fs, out_path = filesystem_for(cfg.output, cfg.storage_options)
