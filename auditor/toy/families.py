@@ -243,3 +243,121 @@ def build_random_pixart(out_dir: str | Path, *, seed: int = 0, alpha: bool = Fal
 
 
 BUILDERS = {"sdxl": build_random_sdxl, "sd3": build_random_sd3, "pixart-sigma": build_random_pixart}
+
+
+def shaped_components(
+    family: str, device: str | torch.device, dtype: torch.dtype, *, real: bool = True, seed: int = 0
+):
+    """In-memory random `ModelComponents` (no folder) of SDXL or SD3 at their real sizes and latent resolutions
+    (SDXL: 4x128x128, CLIP-L + bigG; SD3 medium: 16x128x128, 24 MMDiT layers, CLIP-L + bigG + T5-XXL), or the
+    tiny test shapes with real=False: for throughput, which does not depend on the weights' values. Vocabularies
+    are the toy tokenizers' (it changes no FLOPs).
+    """
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    from auditor.scoring.layout import BY_NAME
+    from auditor.scoring.loading import ModelComponents
+    from auditor.scoring.tokens import PackedTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizers = build_tokenizers(Path(scratch), seed, t5=family == "sd3")
+    torch.manual_seed(seed)
+    clip_l, big_g = (768, 1280) if real else (16, 16)
+    with torch.device(device):
+        if family == "sdxl":
+            modules = {
+                "text_encoder": clip_text_model(len(tokenizers.clip), clip_l, layers=12 if real else 2),
+                "text_encoder_2": clip_text_model(
+                    len(tokenizers.clip_2), big_g, projection_dim=big_g, layers=32 if real else 2
+                ),
+            }
+            denoiser = UNet2DConditionModel(
+                sample_size=128 if real else 16,
+                block_out_channels=(320, 640, 1280) if real else (32, 64),
+                layers_per_block=2 if real else 1,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")[
+                    : 3 if real else 2
+                ],
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")[
+                    -(3 if real else 2) :
+                ],
+                transformer_layers_per_block=(1, 2, 10) if real else (1, 2),
+                attention_head_dim=(5, 10, 20) if real else (2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256 if real else 8,
+                projection_class_embeddings_input_dim=(256 if real else 8) * 6 + big_g,
+                cross_attention_dim=clip_l + big_g,
+                norm_num_groups=32 if real else 1,
+            )
+            scheduler_config = {
+                k: v for k, v in SD_V1_SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")
+            }
+            parts = [("tokenizer", tokenizers.clip, 77), ("tokenizer_2", tokenizers.clip_2, 77)]
+        elif family == "sd3":
+            t5_width = 4096 if real else 32
+            modules = {
+                "text_encoder": clip_text_model(
+                    len(tokenizers.clip), clip_l, projection_dim=clip_l, layers=12 if real else 2
+                ),
+                "text_encoder_2": clip_text_model(
+                    len(tokenizers.clip_2), big_g, projection_dim=big_g, layers=32 if real else 2
+                ),
+                "text_encoder_3": t5_xxl(len(tokenizers.t5))
+                if real
+                else t5_encoder(len(tokenizers.t5), t5_width),
+            }
+            denoiser = SD3Transformer2DModel(
+                sample_size=128 if real else 16,
+                patch_size=2,
+                in_channels=16 if real else 4,
+                num_layers=24 if real else 2,
+                attention_head_dim=64 if real else 8,
+                num_attention_heads=24 if real else 4,
+                joint_attention_dim=t5_width,
+                caption_projection_dim=1536 if real else 32,
+                pooled_projection_dim=clip_l + big_g,
+                out_channels=16 if real else 4,
+                pos_embed_max_size=192 if real else 16,
+            )
+            scheduler_config = {"num_train_timesteps": 1000, "shift": 3.0}
+            parts = [
+                ("tokenizer", tokenizers.clip, 77),
+                ("tokenizer_2", tokenizers.clip_2, 77),
+                ("tokenizer_3", tokenizers.t5, 256),
+            ]
+        else:
+            raise ValueError(f"shaped_components builds sdxl or sd3, got {family!r}")
+        for module in (*modules.values(), denoiser):
+            torch.nn.Module.to(module, dtype).eval().requires_grad_(False)
+    layout = BY_NAME[family]
+    return ModelComponents(
+        Path("<in-memory>"),
+        tokenizers.clip,
+        modules["text_encoder"],
+        denoiser,
+        scheduler_config,
+        family=layout.name,
+        modules=modules,
+        packed_tokenizer=PackedTokenizer(parts),
+        pipeline_config={"_class_name": layout.pipeline_classes[0]},
+    )
+
+
+def t5_xxl(vocab_size: int):
+    """T5-v1.1-XXL's encoder shapes (4096 wide, 24 layers, 64 heads, gated GELU), as SD3 ships it."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
