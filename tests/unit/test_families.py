@@ -279,3 +279,36 @@ def test_mitigate_lowers_the_magnitude_of_the_familys_conditioning(family, score
         result.magnitude_after, rel=1e-4
     )
     assert (result.pooled_prompt_embeds is None) == (family == "pixart-sigma")
+
+
+def test_mitigate_generate_is_refused_for_non_sd_families_before_any_work(
+    family_model_dirs, tmp_path, capsys
+):
+    from auditor.cli import main
+
+    args = ["mitigate", "--model", str(family_model_dirs["sdxl"]), "a red cat", "--target", "0.1"]
+    assert main([*args, "--out", str(tmp_path / "e.safetensors"), "--generate", str(tmp_path / "x.png")]) == 2
+    assert "--generate renders SD 1.x/2.x models only; this is a sdxl model" in capsys.readouterr().err
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_mitigate_cli_saves_the_pooled_embedding_of_sd3(family_model_dirs, tmp_path):
+    from safetensors import safe_open
+
+    from auditor.cli import main
+
+    out = tmp_path / "e.safetensors"
+    args = [
+        "mitigate",
+        "--model",
+        str(family_model_dirs["sd3"]),
+        "a red cat",
+        "--target",
+        "0.1",
+        "--max-iters",
+        "2",
+    ]
+    assert main([*args, "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as fh:
+        assert sorted(fh.keys()) == ["pooled_prompt_embeds", "prompt_embeds"]
+        assert fh.get_tensor("pooled_prompt_embeds").shape == (1, 64)
