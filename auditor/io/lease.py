@@ -36,9 +36,10 @@ logger = logging.getLogger(__name__)
 LEASE_FILE = "_lease.json"
 # Best-effort stores: how long a writer waits before reading its token back (a racing writer's put lands in it).
 BEST_EFFORT_SETTLE_S = 2.0
-ACQUIRE_ATTEMPTS = (
-    3  # create / take over, again when another run changed the lease between our read and write
-)
+# A temporary lease file older than this was left by a run killed while writing it.
+TEMPORARY_MAX_AGE_S = 60.0
+# Create / take over, again when another run changed the lease between our read and our write.
+ACQUIRE_ATTEMPTS = 3
 # A process whose start time differs from the recorded one by more than this is another process with a reused pid.
 START_TIME_TOLERANCE_S = 1.0
 # S3 error codes of a conditional request that did not hold (409: a concurrent conditional write won).
@@ -223,6 +224,16 @@ class LocalLeaseStore(LeaseStore):
             fh.flush()
             os.fsync(fh.fileno())
         return temporary
+
+    def sweep(self, older_than_s: float = TEMPORARY_MAX_AGE_S) -> None:
+        """Delete temporary lease files that a run killed while writing one left behind (a live writer's is
+        milliseconds old)."""
+        prefix = f"_tmp-{LEASE_FILE}-"
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.folder):
+                if entry.name.startswith(prefix) and time.time() - entry.stat().st_mtime > older_than_s:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
 
     def read(self) -> tuple[bytes, Any] | None:
         try:
@@ -494,6 +505,8 @@ class OutputLease:
         self.token = token
         self.lost = None
         self._renewed_at = time.monotonic()
+        if isinstance(self.store, LocalLeaseStore):
+            self.store.sweep()
         logger.info(
             "OUTPUT %s: lease taken by run %s (%s)",
             self.output,

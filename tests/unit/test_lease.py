@@ -267,3 +267,14 @@ def test_best_effort_store_reads_its_token_back():
     assert first.renew()
     first.release()
     assert store.read() is None
+
+
+def test_temporary_files_of_a_killed_writer_are_swept(tmp_path):
+    (tmp_path / "out").mkdir()
+    left = tmp_path / "out" / f"_tmp-{LEASE_FILE}-deadbeef"
+    fresh = tmp_path / "out" / f"_tmp-{LEASE_FILE}-cafe"
+    left.write_bytes(b"{")
+    fresh.write_bytes(b"{")
+    os.utime(left, (time.time() - 120, time.time() - 120))
+    lease_on(tmp_path / "out").acquire()
+    assert not left.exists() and fresh.exists()  # a live writer's temporary file is not touched
