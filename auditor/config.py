@@ -197,6 +197,9 @@ class AuditConfig(ScoreConfig, ParsedConfig):
     report: bool = True
     progress_interval: float = 30.0
     stall_timeout_s: float = 900.0
+    lease_heartbeat_s: float = 15.0
+    lease_ttl_s: float = 120.0
+    break_lease: bool = False
 
     @staticmethod
     def option(name: str) -> str:
@@ -226,6 +229,17 @@ class AuditConfig(ScoreConfig, ParsedConfig):
         ):
             raise ConfigError(
                 f"--stall-timeout-s must be a number of seconds > 0, got {self.stall_timeout_s!r}."
+            )
+        for name, value in (("lease-heartbeat-s", self.lease_heartbeat_s), ("lease-ttl-s", self.lease_ttl_s)):
+            if isinstance(value, bool) or not (
+                isinstance(value, int | float) and math.isfinite(value) and value > 0
+            ):
+                raise ConfigError(f"--{name} must be a number of seconds > 0, got {value!r}.")
+        if self.lease_ttl_s < 2 * self.lease_heartbeat_s:
+            raise ConfigError(
+                f"--lease-ttl-s {self.lease_ttl_s:g} must be at least twice --lease-heartbeat-s "
+                f"{self.lease_heartbeat_s:g}, or one late heartbeat lets another run take a live run's lease; "
+                "raise --lease-ttl-s or lower --lease-heartbeat-s."
             )
         if self.num_cpus is not None and self.num_cpus < 2:
             raise ConfigError(
@@ -486,6 +500,26 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"fail (exit code 3, committed units kept) when no work unit has made progress for this many seconds "
         f"(default {d('stall_timeout_s'):g}): a cluster that lost a node can wait forever for work it cannot "
         "schedule. Rerun the same command to resume",
+    )
+    run.add_argument(
+        "--lease-heartbeat-s",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"seconds between renewals of OUTPUT/_lease.json, the lease that keeps a second audit off this OUTPUT "
+        f"(default {d('lease_heartbeat_s'):g})",
+    )
+    run.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"a lease whose heartbeat is older than this many seconds belongs to a dead run and is taken over "
+        f"(default {d('lease_ttl_s'):g}; a lease of a run on this host whose process is gone is taken at once)",
+    )
+    run.add_argument(
+        "--break-lease",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="take OUTPUT's lease at once, whoever holds it: only when you know its holder is not running",
     )
     run.add_argument(
         "--report",

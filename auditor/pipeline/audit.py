@@ -33,6 +33,7 @@ from auditor import __version__, schema
 from auditor.config import AuditConfig
 from auditor.errors import AuditIncomplete, ConfigError
 from auditor.histogram import EDGES, merge_counts
+from auditor.io.lease import LeaseHeld, OutputLease
 from auditor.io.ledger import DONE, FAILED, Ledger
 from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, TEMPORARY_PREFIX, commit_unit, shard_dir
 from auditor.io.storage import filesystem_for, join, remove_tree, write_json
@@ -234,8 +235,16 @@ class UnitCommitter:
     The ledger record is written only after the commit task has moved the unit's parts into place.
     """
 
-    def __init__(self, cfg: AuditConfig, plan: AuditPlan, ledger: Ledger, progress: AuditProgress):
+    def __init__(
+        self,
+        cfg: AuditConfig,
+        plan: AuditPlan,
+        ledger: Ledger,
+        progress: AuditProgress,
+        lease: OutputLease | None = None,
+    ):
         self.cfg = cfg
+        self.lease = lease
         self.progress = progress
         self.plan = plan
         self.ledger = ledger
@@ -279,6 +288,8 @@ class UnitCommitter:
                 self._record(state, DONE, parts)
 
     def _record(self, state: UnitState, status: str, parts: dict[str, Any] | None) -> None:
+        if self.lease is not None and self.lease.lost is not None:
+            return  # another run owns OUTPUT now: it redoes this unit; a record from here could outlive its parts
         record = unit_record(
             state, self.identities[state.source], self.plan.fingerprint, self.cfg.unit_rows, status, parts
         )
@@ -392,9 +403,10 @@ class DriverMonitor:
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
+def interruptible(armed: threading.Event | None = None) -> Iterator[None]:
     """SIGTERM and the watchdog's signal raise AuditInterrupted in the driver loop (main thread only; elsewhere,
-    e.g. a notebook's worker thread, the default handlers stay)."""
+    e.g. a notebook's worker thread, the default handlers stay). `armed` is set while the handlers are in place,
+    so that another thread knows it may send STALL_SIGNAL (whose default action would end the process)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -403,9 +415,14 @@ def interruptible() -> Iterator[None]:
         raise AuditInterrupted(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, STALL_SIGNAL)}
+    was_armed = armed is not None and armed.is_set()
+    if armed is not None:
+        armed.set()
     try:
         yield
     finally:
+        if armed is not None and not was_armed:
+            armed.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -451,20 +468,67 @@ def cpus_and_gpus(resources: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU")) or "none"
 
 
+def take_lease(fs: Any, output_path: str, cfg: AuditConfig) -> OutputLease:
+    """OUTPUT's lease, before its ledger is read or anything under it changes: a second audit of the same OUTPUT
+    is refused here (LeaseHeld, exit 2), in seconds and before Ray starts."""
+    lease = OutputLease(
+        fs, output_path, cfg.output, ttl_s=cfg.lease_ttl_s, heartbeat_s=cfg.lease_heartbeat_s,
+        break_lease=cfg.break_lease,
+    )  # fmt: skip
+    try:
+        lease.acquire()
+    except LeaseHeld:
+        raise
+    except Exception as exc:  # the store's own error types
+        raise ConfigError(
+            f"OUTPUT {cfg.output}: its lease (_lease.json) cannot be taken ({type(exc).__name__}: {exc}); check the "
+            "path, its permissions (or the bucket policy), the endpoint and credentials."
+        ) from exc
+    return lease
+
+
 def run(cfg: AuditConfig) -> AuditResult:
     started_at = utc_now()
-    # 1. Check inputs, columns, threshold and model before Ray starts.
+    # 1. One audit at a time per OUTPUT: the lease, renewed while the run goes on, deleted however it ends.
+    fs, output_path = filesystem_for(cfg.output, cfg.storage_options)
+    check_output_writable(fs, output_path, cfg.output)
+    lease = take_lease(fs, output_path, cfg)
+    armed = threading.Event()  # the driver loop's signal handlers are in place
+
+    def on_lost(reason: str) -> None:
+        logger.error("OUTPUT %s: %s; the audit stops", cfg.output, reason)
+        if armed.is_set():
+            os.kill(os.getpid(), STALL_SIGNAL)
+
+    try:
+        with lease.heartbeat(on_lost), interruptible(armed):
+            return run_holding_lease(cfg, fs, output_path, lease, armed, started_at)
+    except AuditInterrupted as exc:  # outside the driver loop: planning, clearing old outputs, the summary
+        lease.check()
+        reason = "stopped by SIGTERM (ray job stop, or the operator)." if str(exc) == "SIGTERM" else f"{exc}."
+        raise AuditIncomplete(
+            f"the audit stopped: {reason} Units committed before are kept; rerun the same command (committed "
+            "units are skipped, nothing is written twice)."
+        ) from None
+    finally:
+        lease.release()
+
+
+def run_holding_lease(
+    cfg: AuditConfig, fs: Any, output_path: str, lease: OutputLease, armed: threading.Event, started_at: str
+) -> AuditResult:
+    # 2. Check inputs, columns, threshold and model before Ray starts.
     plan = plan_audit(cfg)
     timings = dict(plan.timings_s)
-    fs, output_path = filesystem_for(cfg.output, cfg.storage_options)
     ledger = Ledger(fs, output_path)
     if (cfg.address or os.environ.get("RAY_ADDRESS")) is None and cfg.num_cpus is not None and plan.pending:
         check_cpus(cfg, cfg.num_cpus)
-    # 2. Clear what a killed run or an earlier version of a file left behind.
+    # 3. Clear what a killed run or an earlier version of a file left behind.
     step = time.perf_counter()
-    check_output_writable(fs, output_path, cfg.output)
+    lease.check()
     prepare_output(fs, output_path, ledger, plan, cfg)
     timings["prepare_output"] = time.perf_counter() - step
+    lease.check()
     tracker = UnitTracker()
     committer: UnitCommitter | None = None
     monitor: DriverMonitor | None = None
@@ -473,7 +537,7 @@ def run(cfg: AuditConfig) -> AuditResult:
     runtime: dict[str, Any] = {}
     error: BaseException | None = None
     if plan.pending:
-        # 3. Ray and the streaming pipeline; the driver sees acknowledgements only.
+        # 4. Ray and the streaming pipeline; the driver sees acknowledgements only.
         step = time.perf_counter()
         init_ray(cfg.address, cfg.num_cpus, cfg.quiet)
         resources = actor_resources(cfg, local=cfg.address is None and not os.environ.get("RAY_ADDRESS"))
@@ -487,13 +551,17 @@ def run(cfg: AuditConfig) -> AuditResult:
         progress = AuditProgress(
             expected_units(plan, tracker), interval_s=cfg.progress_interval, quiet=cfg.quiet
         )
-        committer = UnitCommitter(cfg, plan, ledger, progress)
+        committer = UnitCommitter(cfg, plan, ledger, progress, lease)
         ds = build_dataset(cfg, plan.pending, resources, plan.model_fingerprint)
         metrics = DriverMetrics(plan.model_fingerprint)
         tracker.last_ack = time.monotonic()
         try:
-            with interruptible(), DriverMonitor(tracker, progress, cfg.stall_timeout_s, metrics) as monitor:
+            with (
+                interruptible(armed),
+                DriverMonitor(tracker, progress, cfg.stall_timeout_s, metrics) as monitor,
+            ):
                 for acks in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    lease.check()
                     committer.submit(tracker.consume(acks))
                     committer.poll()
                     progress.set_total(
@@ -509,6 +577,8 @@ def run(cfg: AuditConfig) -> AuditResult:
                 error = error or exc
             throughput = progress.close()
             metrics.update(progress.snapshot())
+        # Another run owns OUTPUT now: leave its staging, ledger and _audit.json alone.
+        lease.check()
         if error is None:
             # Nothing is in flight now: what staging still holds belongs to failed units or to task attempts
             # that Ray retried (their rows were acknowledged from the retry), never to a committed unit.
@@ -517,8 +587,9 @@ def run(cfg: AuditConfig) -> AuditResult:
         runtime["actors"] = [json.loads(raw) for raw in sorted(tracker.runtimes)]
         timings["pipeline"] = time.perf_counter() - step
         ray_stats = ds.stats() if error is None else ""
-    # 4. Fold the ledger into one snapshot (drop records of changed files), then the summary next to the results.
+    # 5. Fold the ledger into one snapshot (drop records of changed files), then the summary next to the results.
     step = time.perf_counter()
+    lease.check()
     current = {f.source: f for f in plan.files}
     try:
         ledger.compact(

@@ -74,6 +74,13 @@ def test_to_json_round_trips():
         ({"caption_column": ""}, "--caption-column is empty"),
         ({"storage_options": {"key": "AKIA"}}, "credential"),
         ({"storage_options": {"aws_secret_access_key": "x"}}, "from the environment"),
+        ({"lease_heartbeat_s": 0}, r"--lease-heartbeat-s must be a number of seconds > 0, got 0"),
+        ({"lease_ttl_s": float("inf")}, r"--lease-ttl-s must be a number of seconds > 0, got inf"),
+        ({"lease_ttl_s": True}, r"--lease-ttl-s must be a number of seconds > 0, got True"),
+        (
+            {"lease_ttl_s": 20, "lease_heartbeat_s": 15},
+            r"--lease-ttl-s 20 must be at least twice --lease-heartbeat-s 15",
+        ),
     ],
 )
 def test_invalid_configs_cannot_exist(changes, match):
