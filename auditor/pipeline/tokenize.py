@@ -1,6 +1,6 @@
 """CPU stage: validate captions and tokenize them exactly as `Scorer.tokenize` does, without loading the model.
 
-Imports transformers lazily (only the tokenizer folder is read); never imports ray.
+Imports transformers lazily (only the tokenizer folder is read); never imports ray, torch or diffusers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from auditor import schema
-from auditor.scoring.tokens import TokenizedCaptions, tokenize_captions
+from auditor.scoring.tokens import TokenizedCaptions, load_tokenizer, tokenize_captions
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _cached_tokenizer(model: str, storage_items: tuple[tuple[str, Any], ...]) ->
 
     transformers.utils.logging.disable_progress_bar()
     root = resolve_model_dir(model, dict(storage_items))
-    return CaptionTokenizer(transformers.AutoTokenizer.from_pretrained(root / "tokenizer"))
+    return CaptionTokenizer(load_tokenizer(root / "tokenizer"))
 
 
 def _fixed_lists(matrix: np.ndarray) -> pa.FixedSizeListArray:

@@ -12,11 +12,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from auditor.errors import ModelLoadError
+
+if (
+    TYPE_CHECKING
+):  # resolving a model folder needs no torch: the pipeline's CPU stage does it for the tokenizer
+    import torch
 
 logger = logging.getLogger(__name__)
 
