@@ -234,7 +234,7 @@ def memory(args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("mode", choices=["throughput", "memory", "sizing", "_run-one"])
     parser.add_argument("--preset", default=None, help="toy model preset (throughput: small, memory: micro)")
