@@ -45,9 +45,30 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: collection order within each rank
 
 
+class XdistGroupSuffix:
+    """pytest-xdist's loadgroup puts `@<group>` on a test's node id (its scheduler groups by it) through
+    `item._nodeid`, which pytest 9 no longer reads (`item._id`): without this, every group is silently split
+    across workers (seen with xdist 3.8 + pytest 9.2: each worker started its own Ray and trained its own toy).
+    A no-op wherever xdist's own suffix took."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        if not config.getvalue("loadgroup"):
+            return
+        from _pytest.nodeid import coerce_node_id
+
+        for item in items:
+            marks = item.iter_markers("xdist_group")
+            names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks})
+            if names and "@" not in item.nodeid:
+                item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
 def pytest_configure(config):
     global _CONFIG
     _CONFIG = config
+    if hasattr(config, "workerinput"):  # an xdist worker: its collection is what the scheduler groups
+        config.pluginmanager.register(XdistGroupSuffix(), "auditor-xdist-group-suffix")
 
 
 _CONFIG = None
