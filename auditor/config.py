@@ -561,12 +561,12 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def audit_parser(prog: str = "auditor audit") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog)
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
     add_audit_arguments(parser)
     return parser
 
 
 def filter_parser(prog: str = "auditor filter") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog)
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
     add_filter_arguments(parser)
     return parser

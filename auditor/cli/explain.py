@@ -59,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=EXPLAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     explain.add_argument("caption", help="the caption to explain (quote it)")
     add_model_arguments(explain)
@@ -75,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=MITIGATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     mitigate.add_argument("caption", help="the caption to mitigate (quote it)")
     mitigate.add_argument(

@@ -35,8 +35,8 @@ from auditor.errors import AuditIncomplete, ConfigError
 from auditor.histogram import EDGES, merge_counts
 from auditor.io.lease import LeaseHeld, OutputLease
 from auditor.io.ledger import DONE, FAILED, Ledger
-from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, TEMPORARY_PREFIX, commit_unit, shard_dir
-from auditor.io.storage import filesystem_for, join, remove_tree, write_json
+from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, commit_unit, shard_dir
+from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, remove_tree, write_json
 from auditor.pipeline.commit import (
     UnitState,
     UnitTracker,
@@ -592,14 +592,17 @@ def run_holding_lease(
     lease.check()
     current = {f.source: f for f in plan.files}
     try:
-        ledger.compact(
+        kept = ledger.compact(
             keep=lambda r: (
                 r["source"] not in current
                 or record_matches(r, current[r["source"]], plan.fingerprint, cfg.unit_rows)
             )
         )
         timings["compact_ledger"] = time.perf_counter() - step
-        result = summarize(cfg, plan, committer, tracker, ledger, timings, ray_stats, started_at, runtime)
+        # Nothing writes the ledger now (the driver records every unit, and its commits have been waited for), so
+        # what compact kept is the ledger: no second read of it.
+        records = [r for r in kept if r["source"] in current]
+        result = summarize(cfg, plan, committer, tracker, records, timings, ray_stats, started_at, runtime)
         result.summary["throughput"] = throughput
         if error is not None:
             result.summary["stopped"] = stop_reason(error, monitor, cfg)
@@ -665,7 +668,7 @@ def summarize(
     plan: AuditPlan,
     committer: UnitCommitter | None,
     tracker: UnitTracker,
-    ledger: Ledger,
+    records: list[dict[str, Any]],
     timings: dict[str, float],
     ray_stats: str,
     started_at: str,
@@ -677,13 +680,7 @@ def summarize(
     for record in committed:
         run_counts.update(record["counts"])
         run_counts["rows"] += record["rows"]
-    # What the output holds for this run's inputs, from the ledger as it is now (one read of the snapshot).
-    current = {f.source: f for f in plan.files}
-    records = [
-        r
-        for r in ledger.entries().values()
-        if r["source"] in current and record_matches(r, current[r["source"]], plan.fingerprint, cfg.unit_rows)
-    ]
+    # records: what the output holds for this run's inputs, each matching this run (compact kept only those).
     done_records = [r for r in records if r["status"] == DONE]
     total: Counter = Counter()
     for record in done_records:

@@ -24,9 +24,9 @@ from auditor.config import FilterConfig
 from auditor.errors import ConfigError
 from auditor.formats import strip_extensions
 from auditor.io.inputs import InputFile, list_inputs
-from auditor.io.parquet import SCORES_DIR, TEMPORARY_PREFIX, read_shard
+from auditor.io.parquet import SCORES_DIR, read_shard
 from auditor.io.readers import read_record_batches
-from auditor.io.storage import filesystem_for, join, read_json, write_json
+from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, read_json, write_json
 from auditor.pipeline.audit import AUDIT_FILE, init_ray
 from auditor.pipeline.commit import utc_now
 

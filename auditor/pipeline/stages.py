@@ -1,7 +1,9 @@
 """The pipeline's steps as Ray Data UDFs: read an input file's pending units, tokenize on CPU, score in an actor,
 stage the scored rows on the worker and acknowledge them.
 
-Each is plain Python over pyarrow tables, so a test can call it without Ray: `ScoreActor(cfg)(table)`.
+Each is plain Python over pyarrow tables, so a test can call it without Ray: `ScoreActor(cfg)(table)`. Importing
+this module imports neither torch nor diffusers (the read, write and commit workers load it): only the score
+actor loads the model code, in its constructor.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from auditor.io.units import WorkUnit, units_of
 from auditor.pipeline.metrics import ScoreMetrics, ray_active
 from auditor.pipeline.plan import load_explain, resolve_threshold
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table, tokenized_from_table
-from auditor.scoring.scorer import TokenizedCaptions
+from auditor.scoring.tokens import TokenizedCaptions
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """CPU stage: validate captions and tokenize them exactly as `Scorer.tokenize` does, without loading the model.
 
-Imports transformers lazily (only the tokenizer folder is read); never imports ray.
+Imports transformers lazily (only the tokenizer folder is read); never imports ray, torch or diffusers.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import numpy as np
 
 from auditor import __version__, histogram
 from auditor.errors import ConfigError
-from auditor.io.storage import filesystem_for, join, to_uri
+from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, to_uri
 from auditor.report import plots
 from auditor.report.audit_output import (
     AuditOutput,
@@ -85,7 +85,7 @@ def write_report(
     parent, name = posixpath.split(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    temporary = posixpath.join(parent, f"_tmp-{name}")
+    temporary = posixpath.join(parent, f"{TEMPORARY_PREFIX}{name}")
     with fs.open(temporary, "wb") as fh:
         fh.write(html.encode("utf-8"))
     fs.mv(temporary, path)

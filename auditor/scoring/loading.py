@@ -12,14 +12,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from auditor.errors import ModelLoadError
 from auditor.scoring import layout as layouts
 from auditor.scoring.layout import FamilyLayout
 from auditor.scoring.tokens import load_packed_tokenizer
+
+# Resolving a model folder needs no torch: the pipeline's CPU stage does it for the tokenizer.
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -2,13 +2,16 @@
 
 One implementation shared by `Scorer.tokenize` and the pipeline's CPU stage, so both give the same ids. A family
 with several tokenizers (SDXL: two CLIPs; SD3: two CLIPs and T5) packs their padded ids side by side into one
-(B, L_total) matrix (`PackedTokenizer`): dedup, caching and the pipeline's fixed-size id column stay family-blind.
+(B, L_total) matrix (`PackedTokenizer`): dedup, caching and the pipeline's fixed-size id column stay family-blind. Never
+imports torch (`load_tokenizer` does not go through `transformers.AutoTokenizer`, which does).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,26 @@ class TokenizedCaptions:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a model's `tokenizer/` folder, the class AutoTokenizer would pick, without torch.
+
+    `transformers.AutoTokenizer` imports torch (through its configuration classes), about 1 GiB of a CPU worker
+    that only tokenizes; the class named by `tokenizer_config.json` (its fast variant first, as AutoTokenizer
+    prefers it) loads without. A folder that names no class, or one transformers lacks, falls back to AutoTokenizer.
+    """
+    import transformers
+
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    name = config.get("tokenizer_class")
+    if isinstance(name, str) and name:
+        for candidate in (name if name.endswith("Fast") else f"{name}Fast", name):
+            cls = getattr(transformers, candidate, None)
+            if cls is not None:
+                return cls.from_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def validate_captions(captions: Sequence[Any]) -> list[str]:
@@ -155,7 +178,7 @@ def load_packed_tokenizer(root: Any, layout: Any) -> PackedTokenizer:
     transformers.utils.logging.disable_progress_bar()
     present = set(present_components(root, layout))
     loaded = {
-        slot.folder: transformers.AutoTokenizer.from_pretrained(root / slot.folder)
+        slot.folder: load_tokenizer(root / slot.folder)
         for slot in layout.tokenizers
         if slot.folder in present
     }

@@ -183,7 +183,9 @@ def resolve_model(model_dir: str | None, preset: str, seed: int) -> tuple[Path, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m auditor.toy.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m auditor.toy.demo", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument(
         "--model-dir",
         default=None,
