@@ -33,7 +33,7 @@ BUILDERS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
     parser.add_argument("--batch-size", type=int, default=32)

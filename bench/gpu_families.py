@@ -83,7 +83,7 @@ def measure(family: str, args: argparse.Namespace, device: torch.device, real: b
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--families", nargs="+", default=["sdxl", "sd3"], choices=["sdxl", "sd3"])

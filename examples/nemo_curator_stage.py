@@ -82,7 +82,7 @@ class MemorizationScoreStage(ProcessingStage[DocumentBatch, DocumentBatch]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("inputs", nargs="+", help="parquet files with a caption column")
     parser.add_argument("--model", required=True, help="diffusers SD folder, hub id or s3:// URI")
     parser.add_argument("--caption-column", default="caption")
