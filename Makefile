@@ -24,11 +24,16 @@ install:  ## create .venv and install auditor with test extras (one resolver run
 $(VENV)/.installed: pyproject.toml
 	$(MAKE) install
 
-test: $(VENV)/.installed  ## run the whole test suite (GPU tests skip without CUDA)
-	$(PY) -m pytest -q tests
+# make test: TEST_WORKERS pytest-xdist workers. loadgroup keeps the tests of one Ray (or of the trained toy) on one
+# worker; tests/conftest.py sends the single-threaded toy rebuild and the two longest groups out first. Failures are
+# named as they happen, and again at the end (-rfE), with the 15 slowest tests.
+TEST_WORKERS ?= 3
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+test: $(VENV)/.installed  ## run the whole test suite (GPU tests skip without CUDA), TEST_WORKERS=3 side by side
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -rfE --tb=short --durations=15 tests
 
 test-fast: $(VENV)/.installed  ## unit tests only (no Ray, no S3 server)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -rfE --tb=short tests/unit
 
 demo: $(VENV)/.installed  ## shipped toy model: sample corpus, calibrate, audit on local Ray, top flags, HTML report
 	$(PY) -m auditor.toy.demo --out $(DEMO_OUT)

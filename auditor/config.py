@@ -19,8 +19,16 @@ if TYPE_CHECKING:
 
 from auditor import schema
 from auditor.errors import ConfigError
+from auditor.formats import (
+    CODEC_EXTENSIONS,
+    COMPRESSIONS,
+    FORMAT_NAMES,
+    FORMATS,
+    NO_COMPRESSION,
+    TEXT_FORMATS,
+    split_name,
+)
 
-FORMATS = ("parquet", "jsonl", "csv", "tsv", "txt")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 MAX_STEPS = 50  # the DDIM-50 schedule the score follows
 # Rows per work unit (whole parquet row groups): the resume, commit and output-file granularity. At 100k rows a unit
@@ -50,13 +58,37 @@ def _check_common(inputs: tuple[str, ...], output: str, fmt: str | None, options
         raise ConfigError(f"INPUT must name at least one file, folder, glob or URI, got {list(inputs)!r}.")
     if not str(output).strip():
         raise ConfigError("OUTPUT must be a folder path or URI, got an empty string.")
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMAT_NAMES:
         raise ConfigError(
-            f"--format {fmt!r} is not one of {', '.join(FORMATS)}; leave it out to pick by extension."
+            f"--format {fmt!r} is not one of {', '.join(FORMATS)}, nor one of {', '.join(TEXT_FORMATS)} followed by "
+            f"{', '.join(CODEC_EXTENSIONS)} (e.g. jsonl.gz); leave it out to pick by extension."
         )
     if not isinstance(options, dict):
         raise ConfigError(f"storage_options must be a dict, got {type(options).__name__}.")
     _check_storage_options(options)
+
+
+def _split_format(config: Any) -> None:
+    """Check --compression, then split a --format with a codec (`jsonl.gz`) into the format and, unless
+    --compression is given (it overrides), the compression, so that config.format is a FORMATS name.
+    """
+    if config.compression is not None and config.compression not in COMPRESSIONS:
+        raise ConfigError(
+            f"--compression {config.compression!r} is not one of {', '.join(COMPRESSIONS)}; leave it out to pick "
+            f"by extension ({', '.join(CODEC_EXTENSIONS)})."
+        )
+    if config.format is None or config.format in FORMATS:
+        fmt = config.format
+    else:
+        fmt, codec = split_name(f".{config.format}")
+        if config.compression is None:
+            object.__setattr__(config, "compression", codec)
+        object.__setattr__(config, "format", fmt)
+    if fmt == "parquet" and config.compression not in (None, NO_COMPRESSION):
+        raise ConfigError(
+            f"--compression {config.compression} does not apply to parquet (it compresses inside the file); "
+            f"--compression is for {', '.join(TEXT_FORMATS)} inputs."
+        )
 
 
 class ParsedConfig:
@@ -80,9 +112,69 @@ class ParsedConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AuditConfig(ParsedConfig):
+class ScoreConfig:
+    """What a score actor depends on: the model, the score's options and the threshold; no inputs, no outputs.
+
+    `AuditConfig` is one (plus inputs, outputs and the run's options); `auditor.ray_data` builds one from its
+    keyword arguments. threshold None and threshold_file None: nothing is flagged. cpus_per_actor also sets the
+    actor's torch threads on CPU. Error messages name the options as `option()` spells them: keyword arguments
+    here, flags (`--batch-size`) in `AuditConfig`.
+    """
+
+    model: str
+    caption_column: str = "caption"
+    generations: int = 1
+    steps: int = 1
+    seed: int = 0
+    threshold: float | None = None
+    threshold_file: str | None = None
+    batch_size: int = 32
+    cpus_per_actor: float = 1.0
+    dtype: str = "auto"
+    cuda_graphs: bool | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    explain_flagged: bool = False
+
+    @staticmethod
+    def option(name: str) -> str:
+        """How an error message names the option `name` (kebab-case): the keyword argument."""
+        return name.replace("-", "_")
+
+    def __post_init__(self) -> None:
+        o = self.option
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(f"storage_options must be a dict, got {type(self.storage_options).__name__}.")
+        _check_storage_options(self.storage_options)
+        if not str(self.model).strip():
+            raise ConfigError(f"{o('model')} is empty; pass a diffusers folder, hub id or s3:// URI.")
+        if not self.caption_column:
+            raise ConfigError(
+                f"{o('caption-column')} is empty; pass the name of the column that holds the captions."
+            )
+        for name, value, low in (("generations", self.generations, 1), ("batch-size", self.batch_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{o(name)} must be an int >= {low}, got {value!r}.")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"{o('steps')} must be an int in 1..{MAX_STEPS}, got {self.steps!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"{o('seed')} must be an int >= 0, got {self.seed!r}.")
+        if self.threshold is not None and self.threshold_file is not None:
+            raise ConfigError(f"pass {o('threshold')} or {o('threshold-file')}, not both.")
+        if self.threshold is not None and (
+            not isinstance(self.threshold, int | float) or not math.isfinite(self.threshold)
+        ):
+            raise ConfigError(f"{o('threshold')} must be a finite number, got {self.threshold!r}.")
+        if not self.cpus_per_actor > 0:
+            raise ConfigError(f"{o('cpus-per-actor')} must be > 0, got {self.cpus_per_actor!r}.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{o('dtype')} {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig(ScoreConfig, ParsedConfig):
     """Everything one audit run depends on; `to_json()` is written next to the results.
 
+    The scoring fields are `ScoreConfig`'s (the score actor takes an AuditConfig as its ScoreConfig).
     threshold None and threshold_file None: no row is flagged (flagged = False everywhere) and the threshold
     origin is recorded as "none"; scores are still written, so a threshold can be applied later.
     gpus_per_actor is used only when the Ray cluster reports GPUs; cpus_per_actor also sets the actor's torch threads.
@@ -91,25 +183,13 @@ class AuditConfig(ParsedConfig):
 
     inputs: tuple[str, ...]
     output: str
-    model: str
-    caption_column: str = "caption"
     id_column: str | None = None
     keep_columns: tuple[str, ...] = ()
     format: str | None = None
-    generations: int = 1
-    steps: int = 1
-    seed: int = 0
-    threshold: float | None = None
-    threshold_file: str | None = None
-    batch_size: int = 32
+    compression: str | None = None
     actors: int = 1
-    cpus_per_actor: float = 1.0
     gpus_per_actor: float = 1.0
-    dtype: str = "auto"
-    cuda_graphs: bool | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
     force: bool = False
-    explain_flagged: bool = False
     quiet: bool = False
     address: str | None = None
     num_cpus: int | None = None
@@ -117,42 +197,27 @@ class AuditConfig(ParsedConfig):
     report: bool = True
     progress_interval: float = 30.0
     stall_timeout_s: float = 900.0
+    lease_heartbeat_s: float = 15.0
+    lease_ttl_s: float = 120.0
+    break_lease: bool = False
+
+    @staticmethod
+    def option(name: str) -> str:
+        """The audit's options are flags: `--batch-size`."""
+        return f"--{name}"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
         object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
         _check_common(self.inputs, self.output, self.format, self.storage_options)
-        if not str(self.model).strip():
-            raise ConfigError("--model is empty; pass a diffusers folder, hub id or s3:// URI.")
-        if not self.caption_column:
-            raise ConfigError(
-                "--caption-column is empty; pass the name of the column that holds the captions."
-            )
-        for name, value, low in (
-            ("generations", self.generations, 1),
-            ("batch-size", self.batch_size, 1),
-            ("unit-rows", self.unit_rows, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"--{name} must be an int >= {low}, got {value!r}.")
+        _split_format(self)
+        super().__post_init__()
+        if not isinstance(self.unit_rows, int) or isinstance(self.unit_rows, bool) or self.unit_rows < 1:
+            raise ConfigError(f"--unit-rows must be an int >= 1, got {self.unit_rows!r}.")
         if not isinstance(self.actors, int) or self.actors < 1:
             raise ConfigError(f"--actors must be an int >= 1, got {self.actors!r}.")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise ConfigError(f"--steps must be an int in 1..{MAX_STEPS}, got {self.steps!r}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError(f"--seed must be an int >= 0, got {self.seed!r}.")
-        if self.threshold is not None and self.threshold_file is not None:
-            raise ConfigError("pass --threshold or --threshold-file, not both.")
-        if self.threshold is not None and (
-            not isinstance(self.threshold, int | float) or not math.isfinite(self.threshold)
-        ):
-            raise ConfigError(f"--threshold must be a finite number, got {self.threshold!r}.")
-        if not self.cpus_per_actor > 0:
-            raise ConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor!r}.")
         if not self.gpus_per_actor >= 0:
             raise ConfigError(f"--gpus-per-actor must be >= 0 (0 = CPU actors), got {self.gpus_per_actor!r}.")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}.")
         if isinstance(self.progress_interval, bool) or not (
             isinstance(self.progress_interval, int | float) and self.progress_interval > 0
         ):
@@ -165,6 +230,17 @@ class AuditConfig(ParsedConfig):
             raise ConfigError(
                 f"--stall-timeout-s must be a number of seconds > 0, got {self.stall_timeout_s!r}."
             )
+        for name, value in (("lease-heartbeat-s", self.lease_heartbeat_s), ("lease-ttl-s", self.lease_ttl_s)):
+            if isinstance(value, bool) or not (
+                isinstance(value, int | float) and math.isfinite(value) and value > 0
+            ):
+                raise ConfigError(f"--{name} must be a number of seconds > 0, got {value!r}.")
+        if self.lease_ttl_s < 2 * self.lease_heartbeat_s:
+            raise ConfigError(
+                f"--lease-ttl-s {self.lease_ttl_s:g} must be at least twice --lease-heartbeat-s "
+                f"{self.lease_heartbeat_s:g}, or one late heartbeat lets another run take a live run's lease; "
+                "raise --lease-ttl-s or lower --lease-heartbeat-s."
+            )
         if self.num_cpus is not None and self.num_cpus < 2:
             raise ConfigError(
                 f"--num-cpus must be >= 2 (one CPU for the scoring actor, one for reading), got {self.num_cpus}."
@@ -174,6 +250,12 @@ class AuditConfig(ParsedConfig):
             raise ConfigError(
                 f"--keep-columns {', '.join(clashes)} clash with output columns of the same name; "
                 "rename them in the input or leave them out."
+            )
+        internal = sorted(set(self.keep_columns) & schema.INTERNAL_COLUMNS)
+        if internal:
+            raise ConfigError(
+                f"--keep-columns {', '.join(internal)} are names of the audit's internal columns, which are never "
+                "written; rename them in the input or leave them out."
             )
         if len(set(self.keep_columns)) != len(self.keep_columns):
             raise ConfigError(f"--keep-columns lists a column twice: {','.join(self.keep_columns)}.")
@@ -192,6 +274,7 @@ class FilterConfig(ParsedConfig):
     output: str
     mode: str = "drop"
     format: str | None = None
+    compression: str | None = None
     id_column: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
@@ -201,6 +284,7 @@ class FilterConfig(ParsedConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(i) for i in self.inputs))
         _check_common(self.inputs, self.output, self.format, self.storage_options)
+        _split_format(self)
         if not str(self.audit_output).strip():
             raise ConfigError(
                 "AUDIT_OUTPUT must be the OUTPUT folder of `auditor audit`, got an empty string."
@@ -262,9 +346,19 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=FORMAT_NAMES,
+        metavar="FORMAT",
         default=argparse.SUPPRESS,
-        help="input format for every file (default: by extension: .parquet, .jsonl/.json/.ndjson, .csv, .tsv, .txt)",
+        help="input format for every file: parquet, jsonl, csv, tsv or txt, the text ones also compressed "
+        "(jsonl.gz, csv.zst, ...). Default: by extension: .parquet, .jsonl/.json/.ndjson, .csv, .tsv, .txt, each "
+        "of the text ones optionally followed by .gz, .bz2, .zst or .xz (.json is JSON lines)",
+    )
+    group.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        default=argparse.SUPPRESS,
+        help="codec of every text input, overriding its extension and --format (none: read files as they are). "
+        "Default: by extension (.gz gzip, .bz2, .zst zstd, .xz)",
     )
     group.add_argument(
         "--address",
@@ -291,7 +385,8 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="files, folders, globs or fsspec URIs (s3://bucket/prefix/); parquet, jsonl, csv, tsv or txt",
+        help="files, folders, globs or fsspec URIs (s3://bucket/prefix/); parquet, jsonl, csv, tsv or txt, the "
+        "text ones also as .gz, .bz2, .zst or .xz",
     )
     parser.add_argument(
         "output", metavar="OUTPUT", help="output folder or URI: scores/, flagged/, _audit.json"
@@ -407,6 +502,26 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "schedule. Rerun the same command to resume",
     )
     run.add_argument(
+        "--lease-heartbeat-s",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"seconds between renewals of OUTPUT/_lease.json, the lease that keeps a second audit off this OUTPUT "
+        f"(default {d('lease_heartbeat_s'):g})",
+    )
+    run.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"a lease whose heartbeat is older than this many seconds belongs to a dead run and is taken over "
+        f"(default {d('lease_ttl_s'):g}; a lease of a run on this host whose process is gone is taken at once)",
+    )
+    run.add_argument(
+        "--break-lease",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="take OUTPUT's lease at once, whoever holds it: only when you know its holder is not running",
+    )
+    run.add_argument(
         "--report",
         action=argparse.BooleanOptionalAction,
         default=argparse.SUPPRESS,
@@ -446,12 +561,12 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def audit_parser(prog: str = "auditor audit") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog)
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
     add_audit_arguments(parser)
     return parser
 
 
 def filter_parser(prog: str = "auditor filter") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog)
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
     add_filter_arguments(parser)
     return parser

@@ -27,9 +27,10 @@ TOKEN_SIGNIFICANCE = "token_significance"
 # Hive partition column: one value per input file (see auditor.io.inputs.shard_key), so every input file owns
 # exactly one folder scores/shard=<key>/ and a rerun of that file replaces it whole.
 SHARD = "shard"
-# Added by `auditor filter --mode mark`.
+# Added by `auditor filter --mode mark` and by `auditor.ray_data.add_memorization_scores` (which adds the status too).
 MEMORIZATION_FLAG = "memorization_flag"
 MEMORIZATION_SCORE = "memorization_score"
+MEMORIZATION_STATUS = "memorization_status"
 
 # Schema metadata key on the score actor's output batches: its Scorer.runtime as JSON (for _audit.json).
 ACTOR_RUNTIME_KEY = b"auditor.actor_runtime"
@@ -41,13 +42,16 @@ ATTENTION_MASK = "_attention_mask"
 UNIT = "_unit"
 UNIT_ROWS = "_unit_rows"
 FILE_UNITS = "_file_units"
-# The Ray node that scored a row (set by the score actor, dropped before writing): per-node throughput.
+# The Ray node that scored a row (set by the score actor; the write stage counts it into its acknowledgement and
+# drops it when staging rows, INTERNAL_COLUMNS below): per-node throughput in _audit.json only.
 NODE = "_node"
 UNIT_FIELDS = (
     pa.field(UNIT, pa.int32()),
     pa.field(UNIT_ROWS, pa.int64()),
     pa.field(FILE_UNITS, pa.int32()),
 )
+# Every internal column: dropped when rows are staged, so none reaches a file (nor can be a --keep-columns name).
+INTERNAL_COLUMNS = frozenset({INPUT_IDS, ATTENTION_MASK, NODE, *(f.name for f in UNIT_FIELDS)})
 
 # Row statuses. Everything but OK has a null score and flagged = False.
 OK = "ok"

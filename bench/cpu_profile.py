@@ -109,7 +109,7 @@ def attention_kernels(batch: int, heads: int, positions: int, head_dim: int) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--batch", type=int, default=16)

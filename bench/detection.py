@@ -30,7 +30,7 @@ from auditor.toy.train import build_toy_model  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--model-dir", default=".cache/toy-model")
     parser.add_argument("--preset", default="full", choices=["full", "test"])

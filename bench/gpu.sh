@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: fp16/CUDA-graph correctness (tests/gpu), then the throughput table (last).
+# One call on a GPU machine: fp16/CUDA-graph correctness (tests/gpu), the SD 1.5 throughput table, then the SDXL and
+# SD3 shapes (bench/gpu_families.py).
 # Prepare here first: `make gpu-wheels` (diffusers + importlib_metadata wheels into .cache/wheels), then run
 #   bash bench/gpu.sh "$OUT"      with .cache/wheels carried to the GPU machine.
 set -uo pipefail
@@ -19,5 +20,8 @@ tests_rc=${PIPESTATUS[0]}
 echo "== throughput"
 timeout 300 $PY bench/gpu_bench.py --out "$OUT_DIR" ${GPU_BENCH_ARGS:-} 2>&1 | grep -v -i torchvision | tee "$OUT_DIR/gpu_bench.txt"
 bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+echo "== families: SDXL and SD3 medium shapes (random weights)"
+timeout 240 $PY bench/gpu_families.py --out "$OUT_DIR" ${GPU_FAMILIES_ARGS:-} 2>&1 | grep -v -i torchvision | tee "$OUT_DIR/gpu_families.txt"
+families_rc=${PIPESTATUS[0]}
+echo "tests rc=$tests_rc bench rc=$bench_rc families rc=$families_rc"
+exit $(( tests_rc || bench_rc || families_rc ))

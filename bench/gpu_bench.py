@@ -67,7 +67,7 @@ def bf16_matmul_peak_tflops(size: int = 8192, repeats: int = 10) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--out", default="bench-out", help="folder for gpu_bench.json")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64, 128])

@@ -14,7 +14,15 @@ Run on an otherwise idle machine (timings on shared cores are meaningless); past
   python bench/pipeline.py memory [--preset micro] [--sizes 50000 200000]
       Peak RSS of the driver plus every process it started (Ray's daemons and workers), sampled every 0.2 s,
       for each corpus size in a fresh process; target: flat (ratio largest/smallest <= 1.2).
-Add --quick for a seconds-long smoke run of either mode (small sizes; not a measurement).
+  python bench/pipeline.py workers [--preset micro] [--captions 50000]
+      One audit (defaults but --num-cpus 2 --cpus-per-actor 1, as in memory) in a fresh process, every Ray worker
+      it starts sampled every 0.1 s: peak RSS per worker and per role (read+tokenize, score actor, write stage,
+      commit task: Ray's process titles), whether the worker has torch loaded (libtorch in its memory maps),
+      and the time from the driver's start (process creation) and from run() to the first committed unit (the
+      earliest `committed_ns` in the ledger). Also the RSS of a fresh Python that imports what a write/commit
+      worker imports. To compare with an older commit, run this file from a copy of that commit's tree (it
+      imports auditor from the tree it sits in, and so do the Ray workers: PYTHONPATH is set for them).
+Add --quick for a seconds-long smoke run of any mode (small sizes; not a measurement).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -211,6 +220,133 @@ def run_one(args: argparse.Namespace) -> None:
                       "rows": result.counts.get("rows", 0)}))  # fmt: skip
 
 
+# Ray's process title while a worker runs a task or hosts an actor -> the audit role it names.
+WORKER_ROLES = {
+    "read_and_tokenize": "read+tokenize",
+    "ScoreActor": "score actor",
+    "stage_and_acknowledge": "write stage",
+    "commit_staged_unit": "commit task",
+}
+# What a write/commit worker imports (the modules Ray loads to run stage_and_acknowledge / commit_staged_unit).
+WORKER_IMPORTS = "import auditor.pipeline.stages, auditor.pipeline.commit, auditor.pipeline.audit"
+
+
+def has_torch(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            return "libtorch" in fh.read()
+    except OSError:
+        return False
+
+
+def sample_workers(stop: threading.Event, seen: dict[int, dict]) -> None:
+    """Every 0.1 s: each Ray worker below this process, its titles (roles), peak RSS, torch loaded or not."""
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    last_maps = 0.0
+    while not stop.is_set():
+        check_maps = time.monotonic() - last_maps > 1.0  # reading maps costs CPU: once a second is enough
+        for process in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                title = " ".join(process.cmdline())
+                if not title.startswith("ray::"):
+                    continue
+                entry = seen.setdefault(process.pid, {"titles": set(), "peak_rss": 0, "torch": False})
+                entry["titles"].add(title.split(" ")[0])
+                entry["peak_rss"] = max(entry["peak_rss"], process.memory_info().rss)
+                if check_maps and not entry["torch"]:
+                    entry["torch"] = has_torch(process.pid)
+        if check_maps:
+            last_maps = time.monotonic()
+        time.sleep(0.1)
+
+
+def run_workers(args: argparse.Namespace) -> None:
+    """Child mode of `workers`: one audit in this process while a thread samples the Ray workers it starts."""
+    import psutil
+
+    from auditor.config import AuditConfig
+    from auditor.io.ledger import Ledger
+    from auditor.io.storage import filesystem_for
+    from auditor.pipeline.audit import run
+
+    process_start_ns = int(psutil.Process(os.getpid()).create_time() * 1e9)
+    seen: dict[int, dict] = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_workers, args=(stop, seen), daemon=True)
+    sampler.start()
+    cfg = AuditConfig.from_argv(args.audit_argv)
+    run_ns = time.time_ns()
+    result = run(cfg)
+    end_ns = time.time_ns()
+    stop.set()
+    sampler.join()
+    fs, output_path = filesystem_for(cfg.output)
+    first_commit_ns = min(r["committed_ns"] for r in Ledger(fs, output_path).entries().values())
+    workers = []
+    for pid, entry in sorted(seen.items()):
+        roles = sorted({role for key, role in WORKER_ROLES.items() for t in entry["titles"] if key in t})
+        workers.append({"pid": pid, "roles": roles, "titles": sorted(entry["titles"]),
+                        "peak_rss_bytes": entry["peak_rss"], "torch": entry["torch"]})  # fmt: skip
+    print(json.dumps({"rows": result.counts.get("rows", 0), "units": result.units_done,
+                      "driver_start_to_first_commit_s": (first_commit_ns - process_start_ns) / 1e9,
+                      "run_to_first_commit_s": (first_commit_ns - run_ns) / 1e9,
+                      "run_s": (end_ns - run_ns) / 1e9, "workers": workers}))  # fmt: skip
+
+
+def import_rss_bytes() -> tuple[int, bool]:
+    """(peak RSS, torch imported) of a fresh Python that imports what a write/commit worker imports."""
+    code = (
+        f"import sys; {WORKER_IMPORTS}; "
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report this script's own peak.
+        "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]; "
+        "print(int(hwm) * 1024, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.split()  # fmt: skip
+    return int(out[0]), out[1] == "True"
+
+
+def workers(args: argparse.Namespace, work: Path) -> dict:
+    model = build_model(work / "model", args.preset)
+    corpus = work / f"corpus-{args.captions}"
+    write_corpus(corpus, args.captions)
+    rss, torch_imported = import_rss_bytes()
+    print(f"fresh Python importing what a write/commit worker imports: {rss / 2**20:.0f} MiB RSS, "
+          f"torch imported: {torch_imported}", flush=True)  # fmt: skip
+    argv = audit_argv(corpus, work / "out-workers", model, args.batch_size, threads=1)
+    # Ray's workers inherit the driver's environment: they import auditor from this tree too.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, __file__, "_run-workers", "--", *argv], check=True,
+                           capture_output=True, text=True, env=env)  # fmt: skip
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    print(
+        f"{args.captions} captions, {measured['units']} units, {measured['rows']} rows: run() {measured['run_s']:.1f} s"
+    )
+    print(f"time to the first committed unit: {measured['driver_start_to_first_commit_s']:.1f} s from the driver's "
+          f"start, {measured['run_to_first_commit_s']:.1f} s from run()")  # fmt: skip
+    print("\n| worker pid | roles | peak RSS (MiB) | torch loaded |")
+    print("|---|---|---|---|")
+    for worker in measured["workers"]:
+        roles = ", ".join(worker["roles"]) or "(no audit role: " + ", ".join(worker["titles"]) + ")"
+        print(f"| {worker['pid']} | {roles} | {worker['peak_rss_bytes'] / 2**20:.0f} | {worker['torch']} |")
+    print("\n| role | workers | peak RSS, largest (MiB) | with torch |")
+    print("|---|---|---|---|")
+    by_role: dict[str, list[dict]] = {}
+    for worker in measured["workers"]:
+        for role in worker["roles"]:
+            by_role.setdefault(role, []).append(worker)
+    for role in WORKER_ROLES.values():
+        group = by_role.get(role, [])
+        if group:
+            largest = max(w["peak_rss_bytes"] for w in group) / 2**20
+            print(f"| {role} | {len(group)} | {largest:.0f} | {sum(w['torch'] for w in group)} |")
+    total = sum(w["peak_rss_bytes"] for w in measured["workers"]) / 2**20
+    print(f"\nsum of the workers' peak RSS: {total:.0f} MiB ({len(measured['workers'])} worker processes)")
+    return {"import_rss_bytes": rss, "import_torch": torch_imported, **measured}
+
+
 def memory(args: argparse.Namespace, work: Path) -> dict:
     model = build_model(work / "model", args.preset)
     rows = []
@@ -234,11 +370,15 @@ def memory(args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("mode", choices=["throughput", "memory", "sizing", "_run-one"])
+    parser.add_argument(
+        "mode", choices=["throughput", "memory", "sizing", "workers", "_run-one", "_run-workers"]
+    )
     parser.add_argument("--preset", default=None, help="toy model preset (throughput: small, memory: micro)")
-    parser.add_argument("--captions", type=int, default=20_000, help="throughput: corpus size")
+    parser.add_argument(
+        "--captions", type=int, default=None, help="corpus size (throughput, sizing: 20000; workers: 50000)"
+    )
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[50_000, 200_000], help="memory: corpus sizes"
     )
@@ -252,6 +392,10 @@ def main() -> int:
     if args.mode == "_run-one":
         run_one(args)
         return 0
+    if args.mode == "_run-workers":
+        run_workers(args)
+        return 0
+    args.captions = args.captions or (50_000 if args.mode == "workers" else 20_000)
     if args.quick:
         args.captions, args.sizes, args.unit_rows = 600, [300, 1200], 100
     args.preset = args.preset or ("small" if args.mode == "throughput" else "micro")
@@ -260,7 +404,8 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work_dir or scratch)
-        results = {"throughput": throughput, "memory": memory, "sizing": sizing}[args.mode](args, work)
+        modes = {"throughput": throughput, "memory": memory, "sizing": sizing, "workers": workers}
+        results = modes[args.mode](args, work)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"mode": args.mode, "preset": args.preset, **results}, indent=2)

@@ -68,7 +68,7 @@ def parts(timings: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--files", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument(

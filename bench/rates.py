@@ -16,16 +16,21 @@ def now(device: torch.device) -> float:
 
 
 def paper_loop_rate(scorer: Scorer, captions: list[str], seconds: float, min_captions: int = 8) -> float:
-    """The reference code's cost: per prompt, encode ["", p] and run the UNet once on the CFG batch [x; x]."""
+    """The reference code's cost, in any family: per prompt, encode ["", p] and run the denoiser once on the CFG
+    batch [x; x] (SD: the text encoder and the UNet; SD3: both CLIPs and T5, then the MMDiT).
+    """
     x_T = scorer.initial_latents(1, 0).to(scorer.device, scorer.dtype)
     t1 = scorer.timesteps[0]
+    family = scorer.family
 
     def score_one(caption: str) -> None:
-        ids = torch.from_numpy(scorer.tokenize(["", caption]).input_ids).to(scorer.device)
-        embeds = scorer.text_encoder(ids)[0]
-        out = scorer.unet(torch.cat([x_T, x_T]), t1, encoder_hidden_states=embeds).sample
-        uncond, cond = out.chunk(2)
-        (cond.float() - uncond.float()).flatten(1).norm(dim=1).cpu()
+        cond = scorer.condition_tokens(scorer.tokenize(["", caption]))
+        out = family.denoise(torch.cat([x_T, x_T]), t1, cond)
+        uncond, conditional = out.chunk(2)
+        scored = (
+            family.scored_output(conditional, x_T, t1).float() - family.scored_output(uncond, x_T, t1).float()
+        )
+        scored.flatten(1).norm(dim=1).cpu()
 
     with torch.inference_mode():
         score_one(captions[-1])  # warm-up
@@ -42,18 +47,21 @@ def batched_rate(scorer: Scorer, captions: list[str], seconds: float, chunks: in
     """The shared-uncond scorer at its batch size, on pre-tokenized captions (tokenizing is the CPU stage's job)."""
     batch = scorer.batch_size
     tokens = scorer.tokenize(captions[: batch * chunks])
-    batches = [tokens.input_ids[i : i + batch] for i in range(0, len(tokens), batch)]
+    batches = [
+        (tokens.input_ids[i : i + batch], tokens.attention_mask[i : i + batch])
+        for i in range(0, len(tokens), batch)
+    ]
     x_T = scorer.initial_latents(1, 0)
 
-    def run(ids) -> None:
+    def run(ids, mask) -> None:
         with torch.no_grad():
-            scorer.magnitudes(scorer.encode(torch.from_numpy(ids)), x_T).cpu()
+            scorer.magnitudes(scorer.condition(torch.from_numpy(ids), torch.from_numpy(mask)), x_T).cpu()
 
-    run(batches[0])  # warm-up, and the uncond pass (cached afterwards)
+    run(*batches[0])  # warm-up, and the uncond pass (cached afterwards)
     done, start = 0, now(scorer.device)
     while True:
-        for ids in batches:
-            run(ids)
+        for ids, mask in batches:
+            run(ids, mask)
             done += len(ids)
         if time.perf_counter() - start > seconds:
             return done / (now(scorer.device) - start)

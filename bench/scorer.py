@@ -55,7 +55,7 @@ def ablation(captions: list[str], fp32, bf16, batch: int, seconds: float, info: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per measurement")

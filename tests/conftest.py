@@ -13,13 +13,95 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (`make test`: --dist loadgroup), the tests that share an expensive per-process fixture run on one
+# worker, so that fixture starts once: a local Ray (ray_local), the drills' 2-node cluster, the trained toy.
+FIXTURE_GROUPS = {"drills": "drills", "ray_local": "ray_local", "toy_model_dir": "toy_model"}
+# Sent to the workers first, in this order (with --no-loadscope-reorder): the single-threaded toy rebuild (the
+# longest test) on a worker of its own from the start, then the two longest groups; the rest fills in behind.
+FIRST = ("test_rebuild_from_scratch_matches_the_shipped_model",)
+FIRST_GROUPS = ("drills", "ray_local")
 
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
     if not torch.cuda.is_available():
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+    groups = {}
+    for item in items:
+        names = sorted({group for fixture, group in FIXTURE_GROUPS.items() if fixture in item.fixturenames})
+        if names:
+            groups[item.nodeid] = "_".join(names)
+            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+
+    def rank(item) -> int:
+        if item.name in FIRST:
+            return 0
+        group = groups.get(item.nodeid)
+        return 1 + FIRST_GROUPS.index(group) if group in FIRST_GROUPS else 1 + len(FIRST_GROUPS)
+
+    items.sort(key=rank)  # stable: collection order within each rank
+
+
+class XdistGroupSuffix:
+    """pytest-xdist's loadgroup puts `@<group>` on a test's node id (its scheduler groups by it) through
+    `item._nodeid`, which pytest 9 no longer reads (`item._id`): without this, every group is silently split
+    across workers (seen with xdist 3.8 + pytest 9.2: each worker started its own Ray and trained its own toy).
+    A no-op wherever xdist's own suffix took."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        if not config.getvalue("loadgroup"):
+            return
+        from _pytest.nodeid import coerce_node_id
+
+        for item in items:
+            marks = item.iter_markers("xdist_group")
+            names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks})
+            if names and "@" not in item.nodeid:
+                item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
+    if hasattr(config, "workerinput"):  # an xdist worker: its collection is what the scheduler groups
+        config.pluginmanager.register(XdistGroupSuffix(), "auditor-xdist-group-suffix")
+
+
+_CONFIG = None
+
+
+def pytest_runtest_logreport(report):
+    """Name a failure the moment it happens (on the xdist controller, or a run without xdist), so that a run cut
+    off by a time limit still says what failed; the -rfE summary at the end repeats them."""
+    if not report.failed or _CONFIG is None or hasattr(_CONFIG, "workerinput"):
+        return
+    reporter = _CONFIG.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)
+    reason = f" - {crash.message.splitlines()[0][:200]}" if crash is not None and crash.message else ""
+    worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
+    where = f" [{worker}]" if worker else ""
+    reporter.write_line("")  # off the progress line of -q
+    reporter.write_line(
+        f"FAILED {report.nodeid} ({report.when}, {report.duration:.0f} s){where}{reason}", red=True, bold=True
+    )
+    reporter.flush()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test starts with the process's torch thread count: `ScoreActor` sets it for its process (right in a
+    Ray actor), which in a test process changed it for every later test, and CPU results depend on it in the last
+    bits (scores differ by ~1e-6 between 1 and 2 threads)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +169,19 @@ def toy_model_dir(tmp_path_factory) -> Path:
 
     path, _ = build_toy_model(tmp_path_factory.mktemp("toy") / "model", "test", seed=0)
     return path
+
+
+@pytest.fixture(scope="session")
+def family_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Random tiny pipelines of the newer families, built from configs with offline tokenizers (a few seconds):
+    sdxl, sd3 (with T5), sd3-no-t5 (text_encoder_3 recorded as null), pixart-sigma.
+    """
+    from auditor.toy.families import build_random_pixart, build_random_sd3, build_random_sdxl
+
+    root = tmp_path_factory.mktemp("families")
+    return {
+        "sdxl": build_random_sdxl(root / "sdxl", seed=0),
+        "sd3": build_random_sd3(root / "sd3", seed=0),
+        "sd3-no-t5": build_random_sd3(root / "sd3-no-t5", seed=1, t5=False),
+        "pixart-sigma": build_random_pixart(root / "pixart", seed=0),
+    }

@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from auditor import schema
 from auditor.cli.common import add_model_arguments, add_score_arguments
 from auditor.errors import InputDataError
 
@@ -20,38 +21,44 @@ examples:
 
 The threshold is the (floor(fpr*N)+1)-th largest reference score: at most fpr*N reference captions score above it.
 """
-CAPTION_SUFFIXES = (".txt", ".parquet", ".jsonl", ".json")
 
 
 def read_caption_file(path: str, caption_column: str = "caption", option: str = "--reference") -> list[str]:
-    """Captions from .txt (one per line, blank lines skipped), .parquet or .jsonl (column `caption_column`).
-
-    Null captions in parquet/jsonl are skipped; a missing column raises with the columns that exist.
+    """Captions from one local file in any audit input format, by its extensions (auditor.formats): .txt (one per
+    line, blank lines skipped), .parquet, .jsonl/.json, .csv or .tsv (column `caption_column`), the text formats
+    also compressed (.gz, .bz2, .zst, .xz). Null and non-string captions are skipped; a missing column raises
+    with the columns that exist.
     """
+    import fsspec
+
+    from auditor.formats import CODEC_EXTENSIONS, EXTENSIONS, split_name
+    from auditor.io.inputs import TXT_COLUMN, InputFile, peek_columns
+    from auditor.io.readers import read_caption_batches
+
     file = Path(path)
     if not file.is_file():
         raise InputDataError(f"{option} {path} does not exist or is not a file.")
-    suffix = file.suffix.lower()
-    if suffix == ".txt":
-        return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(file)
-    elif suffix in (".jsonl", ".json"):
-        import pyarrow.json as pj
-
-        table = pj.read_json(file)
-    else:
+    fmt, codec = split_name(file.name)
+    if fmt is None:
         raise InputDataError(
-            f"{option} {path} has suffix {suffix!r}; expected one of {', '.join(CAPTION_SUFFIXES)}."
+            f"{option} {path} has an unknown extension; expected one of {', '.join(EXTENSIONS)}, the text ones "
+            f"optionally followed by {', '.join(CODEC_EXTENSIONS)}."
         )
-    if caption_column not in table.column_names:
+    fs = fsspec.filesystem("file")
+    source = str(file.resolve())
+    captions_file = InputFile(source, source, fmt, file.name, shard="", compression=codec)
+    columns = peek_columns(fs, captions_file)
+    if fmt != "txt" and caption_column not in columns:
         raise InputDataError(
             f"--caption-column {caption_column!r} not found in {path}; columns are: "
-            f"{', '.join(table.column_names)}. Pass --caption-column NAME."
+            f"{', '.join(columns)}. Pass --caption-column NAME."
         )
-    return [str(value) for value in table.column(caption_column).to_pylist() if value is not None]
+    captions: list[str] = []
+    for table in read_caption_batches(fs, captions_file, TXT_COLUMN if fmt == "txt" else caption_column):
+        for caption in table.column(schema.CAPTION).to_pylist():
+            if caption is not None and (fmt != "txt" or caption.strip()):
+                captions.append(caption)
+    return captions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,13 +71,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     add_model_arguments(parser)
     parser.add_argument(
-        "--reference", required=True, help="clean captions: .txt (one per line), .parquet or .jsonl"
+        "--reference",
+        required=True,
+        help="clean captions, in any audit input format: .txt (one per line), .parquet, .jsonl/.json, .csv, .tsv, the text ones also .gz/.bz2/.zst/.xz",
     )
     parser.add_argument(
-        "--caption-column", default="caption", help="caption column of .parquet/.jsonl (default caption)"
+        "--caption-column", default="caption", help="caption column of a non-txt file (default caption)"
     )
     parser.add_argument(
         "--fpr", type=float, default=0.01, help="target false-positive rate in [0, 1) (default 0.01)"

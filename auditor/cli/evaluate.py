@@ -34,12 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     add_model_arguments(parser)
-    parser.add_argument("--positives", help="memorized captions: .txt (one per line), .parquet or .jsonl")
-    parser.add_argument("--negatives", help="non-memorized captions: .txt, .parquet or .jsonl")
     parser.add_argument(
-        "--caption-column", default="caption", help="caption column of .parquet/.jsonl (default caption)"
+        "--positives",
+        help="memorized captions, in any audit input format (.txt one per line, .parquet, .jsonl, .csv, .tsv, compressed too)",
+    )
+    parser.add_argument("--negatives", help="non-memorized captions, in any audit input format")
+    parser.add_argument(
+        "--caption-column", default="caption", help="caption column of a non-txt file (default caption)"
     )
     parser.add_argument(
         "--generations", type=int, nargs="+", default=[1, 4], help="generation counts (default 1 4)"

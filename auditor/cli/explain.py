@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from auditor.cli.common import add_model_arguments
-from auditor.errors import ModelLoadError
+from auditor.errors import ConfigError, ModelLoadError
 
 BAR_WIDTH = 32
 EIGHTHS = " ▏▎▍▌▋▊▉█"
@@ -59,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=EXPLAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     explain.add_argument("caption", help="the caption to explain (quote it)")
     add_model_arguments(explain)
@@ -75,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=MITIGATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     mitigate.add_argument("caption", help="the caption to mitigate (quote it)")
     mitigate.add_argument(
@@ -137,6 +139,16 @@ def run_explain(args: argparse.Namespace) -> int:
             "significance": [float(v) for v in result.significance],
             "share": [float(v) for v in result.share],
             "truncated": result.truncated,
+            # The rows of the family's other tokenizers (SD3: "t5"), each with its own tokens.
+            "other": {
+                label: {
+                    "tokens": block.tokens,
+                    "significance": [float(v) for v in block.significance],
+                    "share": [float(v) for v in block.share],
+                    "truncated": block.truncated,
+                }
+                for label, block in result.other.items()
+            },
             "generations": args.generations,
             "steps": args.steps,
             "seed": args.seed,
@@ -171,6 +183,12 @@ def run_mitigate(args: argparse.Namespace) -> int:
     check_mitigate_args(args.target, args.lr, args.max_iters)
     scorer = load_scorer(args)
     root = Path(scorer.components.root)
+    if args.generate and scorer.family_name != "sd":
+        raise ConfigError(
+            f"--generate renders SD 1.x/2.x models only; this is a {scorer.family_name} model. Drop --generate: "
+            "the embedding written to --out goes to the model's own pipeline as prompt_embeds (and "
+            "pooled_prompt_embeds)."
+        )
     if args.generate and not (root / "vae").is_dir():
         raise ModelLoadError(
             f"--generate needs the model's VAE to decode latents, and {root} has no vae/ folder. "
@@ -201,8 +219,11 @@ def run_mitigate(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "model": str(args.model),
     }
+    tensors = {"prompt_embeds": result.prompt_embeds.contiguous()}
+    if result.pooled_prompt_embeds is not None:
+        tensors["pooled_prompt_embeds"] = result.pooled_prompt_embeds.contiguous()
     save_file(
-        {"prompt_embeds": result.prompt_embeds.contiguous()},
+        tensors,
         out,
         metadata={key: json.dumps(value) for key, value in summary.items()},
     )

@@ -41,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument(
         "output", metavar="OUTPUT", help="an audit output folder or URI (holds _audit.json and scores/)"

@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Score captions with one model on this machine (no Ray). Higher = more likely memorized.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("captions", nargs="*", help="captions to score (quote each one)")
     parser.add_argument(

@@ -26,13 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     actions = parser.add_subparsers(dest="toy_action", metavar="ACTION", required=True)
     path = actions.add_parser(
-        "path", help="print the folder of the toy model shipped with the package (full preset, seed 0)"
+        "path",
+        help="print the folder of the toy model shipped with the package (full preset, seed 0)",
+        allow_abbrev=False,
     )
     path.set_defaults(handler=run_path)
-    build = actions.add_parser("build", help="train the toy model into DIR, or reuse a complete build there")
+    build = actions.add_parser(
+        "build", help="train the toy model into DIR, or reuse a complete build there", allow_abbrev=False
+    )
     build.add_argument(
         "dir", metavar="DIR", help="output folder (a diffusers StableDiffusionPipeline folder)"
     )

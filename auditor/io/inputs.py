@@ -1,6 +1,8 @@
-"""List input files (file, folder, glob or URI list) and peek at their columns. fsspec/pyarrow only.
+"""List input files (file, folder, glob or URI list), open them (decompressing text files) and peek at their
+columns. fsspec/pyarrow only.
 
-The listing is fsspec's own (`find`, `glob`); a file's format comes from its extension unless --format is given.
+The listing is fsspec's own (`find`, `glob`); a file's format and codec come from its extensions
+(auditor.formats) unless --format / --compression are given. Decompression is fsspec's.
 """
 
 from __future__ import annotations
@@ -10,28 +12,37 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import re
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import pyarrow.parquet as pq
+from fsspec.compression import compr, register_compression
 from fsspec.spec import AbstractFileSystem
 
 from auditor.errors import ConfigError, InputDataError
+from auditor.formats import CODEC_EXTENSIONS, EXTENSIONS, TEXT_FORMATS, resolve_format
 from auditor.io.storage import filesystem_for, to_uri
+
+try:  # zstd files: compression.zstd from Python 3.14 on, backports.zstd (a dependency) before
+    from compression.zstd import ZstdError, ZstdFile  # type: ignore[import-not-found]
+except ImportError:
+    try:
+        from backports.zstd import ZstdError, ZstdFile
+    except ImportError:  # no zstd codec: fsspec refuses .zst files before any read
+        ZstdError = ZstdFile = None  # type: ignore[misc,assignment]
+if ZstdFile is not None and compr.get("zstd") is not ZstdFile:
+    # fsspec releases before its backports.zstd support register zstandard's stream reader, which has no
+    # readline, so line-based reading fails: use the file class, as newer fsspec does.
+    register_compression("zstd", ZstdFile, "zst", force=True)
 
 logger = logging.getLogger(__name__)
 
-EXTENSIONS = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".txt": "txt",
-}
+# What a truncated or corrupt compressed stream raises while it is read: EOFError (gzip, bz2, xz, zstd cut short),
+# OSError (gzip BadGzipFile, bz2 "Invalid data stream"), the codecs' own errors.
+DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, *([ZstdError] if ZstdError else []))
 GLOB_CHARS = re.compile(r"[*?\[]")
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # txt files have one column: the caption. Named like Ray Data's read_text column.
@@ -45,7 +56,7 @@ class InputFile:
     relative: its path under the INPUT it was found from (a folder or a glob's fixed prefix), for outputs that
     mirror the input layout. shard: the Hive partition value of its rows in OUTPUT/scores. identity: what the
     store says about the file's content (size plus ETag, checksum or mtime), taken from the listing; a changed
-    identity means a changed file.
+    identity means a changed file. compression: the codec a text file is decompressed with (open_input).
     """
 
     source: str
@@ -54,6 +65,7 @@ class InputFile:
     relative: str
     shard: str
     identity: str = ""
+    compression: str | None = None  # fsspec's codec name (gzip, bz2, zstd, xz); None: read as it is
 
 
 # Listing fields that change whenever an object's content does, in order of preference: content hashes first
@@ -83,26 +95,52 @@ def file_identity(info: dict[str, Any]) -> str:
 
 
 def shard_key(source: str) -> str:
-    """Stable, path-safe partition value for one input file: a readable stem plus a hash of the full URI."""
+    """Stable, path-safe partition value for one input file: a readable stem plus a hash of the full URI.
+
+    Hive readers infer a partition column's type from its values, so the key never reads as a number: a digit
+    stem ending in "e" and an all-digit hash would make `1e-0123456789`, which polars reads as a float. Such a key
+    gets an "h" before its hash (every key has a "-" and a hex hash, so it is never an integer or a date).
+    """
     name = source.rstrip("/").rsplit("/", 1)[-1]
     stem = UNSAFE.sub("_", name.rsplit(".", 1)[0])[:48].strip("._") or "file"
-    return f"{stem}-{hashlib.sha1(source.encode('utf-8')).hexdigest()[:10]}"
+    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:10]
+    key = f"{stem}-{digest}"
+    try:
+        float(key)
+    except ValueError:
+        return key
+    return f"{stem}-h{digest}"
 
 
-def format_of(path: str, forced: str | None) -> str | None:
-    if forced:
-        return forced
-    lowered = path.lower()
-    return next((fmt for ext, fmt in EXTENSIONS.items() if lowered.endswith(ext)), None)
+def open_input(fs: AbstractFileSystem, file: InputFile) -> IO[bytes]:
+    """The file's bytes for reading front to back, decompressed by fsspec when it has a codec."""
+    return fs.open(file.path, "rb", compression=file.compression)
 
 
 def _hidden(path: str) -> bool:
     return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
 
 
-def list_inputs(specs: tuple[str, ...], fmt: str | None, storage_options: dict[str, Any]) -> list[InputFile]:
+def _file_format(
+    spec: str, path: str, fmt: str | None, compression: str | None
+) -> tuple[str | None, str | None]:
+    """(format, codec) of one listed file; raises ConfigError for parquet with a codec (it needs random access)."""
+    file_format, codec = resolve_format(path, fmt, compression)
+    if file_format is not None and codec is not None and file_format not in TEXT_FORMATS:
+        raise ConfigError(
+            f"INPUT {spec}: {path} would be read as compressed {file_format} ({codec}), but only "
+            f"{', '.join(TEXT_FORMATS)} files can be compressed (parquet compresses inside the file). Decompress "
+            "it, or pass --compression none if it is not compressed."
+        )
+    return file_format, codec
+
+
+def list_inputs(
+    specs: tuple[str, ...], fmt: str | None, storage_options: dict[str, Any], compression: str | None = None
+) -> list[InputFile]:
     """Every input file the specs name, sorted by source, each once, with its identity from the same listing
-    (one listing call per spec, no per-file request). Raises ConfigError when nothing is found.
+    (one listing call per spec, no per-file request). fmt / compression: --format (a FORMATS name) and
+    --compression (a COMPRESSIONS name), None to go by extension. Raises ConfigError when nothing is found.
     """
     found: dict[str, InputFile] = {}
     for spec in specs:
@@ -116,10 +154,11 @@ def list_inputs(specs: tuple[str, ...], fmt: str | None, storage_options: dict[s
                 root = path.rstrip("/")
                 candidates = fs.find(path, detail=True)
             elif fs.isfile(path):
-                if format_of(path, fmt) is None:
+                if _file_format(spec, path, fmt, compression)[0] is None:
                     raise ConfigError(
-                        f"INPUT {spec} has an unknown extension; name it .parquet, .jsonl, .csv, .tsv or .txt, "
-                        "or pass --format."
+                        f"INPUT {spec} has an unknown extension; name it .parquet, .jsonl, .json, .csv, .tsv or "
+                        f".txt, the text ones optionally compressed ({', '.join(CODEC_EXTENSIONS)}: "
+                        "captions.jsonl.gz), or pass --format."
                     )
                 root, candidates = path.rsplit("/", 1)[0], {path: fs.info(path)}
             else:
@@ -134,19 +173,23 @@ def list_inputs(specs: tuple[str, ...], fmt: str | None, storage_options: dict[s
         kept = 0
         for candidate in sorted(candidates):
             relative = candidate[len(root) :].lstrip("/") if candidate.startswith(root) else candidate
-            file_format = format_of(candidate, fmt)
-            if file_format is None or any(_hidden(part) for part in relative.split("/")):
+            if any(_hidden(part) for part in relative.split("/")):
+                continue
+            file_format, codec = _file_format(spec, candidate, fmt, compression)
+            if file_format is None:
                 continue
             source = to_uri(fs, candidate)
             identity = file_identity(candidates[candidate])
             found.setdefault(
-                source, InputFile(source, candidate, file_format, relative, shard_key(source), identity)
+                source,
+                InputFile(source, candidate, file_format, relative, shard_key(source), identity, codec),
             )
             kept += 1
         if kept == 0:
             raise ConfigError(
-                f"INPUT {spec} holds no input files (looked for {', '.join(sorted(EXTENSIONS))}, hidden and _ names "
-                "skipped); pass --format to read other names."
+                f"INPUT {spec} holds no input files (looked for {', '.join(sorted(EXTENSIONS))}, the text ones "
+                f"also followed by {', '.join(CODEC_EXTENSIONS)}; hidden and _ names skipped); pass --format to "
+                "read other names."
             )
     return [found[s] for s in sorted(found)]
 
@@ -159,12 +202,14 @@ def peek_columns(fs: AbstractFileSystem, file: InputFile) -> list[str]:
                 return list(pq.read_schema(fh).names)
         if file.format == "txt":
             return [TXT_COLUMN]
-        with fs.open(file.path, "rb") as fh:
+        with open_input(fs, file) as fh:
             for raw in fh:
                 line = raw.decode("utf-8").strip()
                 if not line:
                     continue
                 if file.format == "jsonl":
+                    if line.startswith("["):
+                        raise InputDataError(json_array_error())
                     record = json.loads(line)
                     if not isinstance(record, dict):
                         raise InputDataError(
@@ -177,6 +222,24 @@ def peek_columns(fs: AbstractFileSystem, file: InputFile) -> list[str]:
     except InputDataError as exc:
         raise InputDataError(f"{file.source}: {exc}") from exc
     except Exception as exc:
+        if file.compression is not None and isinstance(exc, DECOMPRESSION_ERRORS):
+            raise InputDataError(decompression_error(file, exc)) from exc
         raise InputDataError(
             f"{file.source} is not readable as {file.format}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def json_array_error() -> str:
+    return (
+        "the file holds a JSON array; .json and .jsonl inputs are JSON lines (one object per line). Convert it "
+        "with: jq -c '.[]' IN.json > OUT.jsonl"
+    )
+
+
+def decompression_error(file: InputFile, exc: BaseException) -> str:
+    """The message for a compressed file that breaks while it is read (truncated, corrupt, or not that codec)."""
+    return (
+        f"{file.source} cannot be decompressed as {file.compression} ({type(exc).__name__}: {exc}): the archive is "
+        "truncated or corrupt, or not compressed that way. Replace the file, or pass --compression to name its "
+        "codec (none: not compressed)."
+    )

@@ -22,7 +22,7 @@ from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
-from auditor.io.storage import is_local, join, write_json
+from auditor.io.storage import TEMPORARY_PREFIX, is_local, join, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Ledger:
         snapshots, units = [], []
         for path in self.fs.find(self.root):
             name = path.rsplit("/", 1)[-1]
-            if name.startswith(("_tmp-", ".")):
+            if name.startswith((TEMPORARY_PREFIX, ".")):
                 continue
             if f"/{COMPACTED_DIR}/" in path and name.endswith(".jsonl"):
                 snapshots.append(path)
@@ -100,27 +100,28 @@ class Ledger:
         write_json(self.fs, self.unit_path(record["shard"], int(record["unit"])), record)
         return record
 
-    def compact(self, keep: Callable[[dict[str, Any]], bool] = lambda record: True) -> int:
+    def compact(self, keep: Callable[[dict[str, Any]], bool] = lambda record: True) -> list[dict[str, Any]]:
         """Fold every record that `keep` accepts into one new snapshot; delete the objects it replaces.
 
         Safe at any crash point: the new snapshot is in place (written under a temporary name, then moved) before
         anything is deleted, and a unit record written after the listing is neither folded nor deleted.
-        Returns the number of records kept.
+        Returns the records kept (the newest of each unit that `keep` accepts, sorted by source and unit): what the
+        ledger holds now, short of records written after the listing.
         """
         snapshots, units = self._listing()
         if not snapshots and not units:
-            return 0
+            return []
         newest = self._newest(snapshots, units)
         kept = [r for r in newest.values() if keep(r)]
         kept.sort(key=lambda r: (r["source"], r["unit"]))
         target = join(self.root, COMPACTED_DIR, f"{time.time_ns():020d}.jsonl")
-        temporary = join(self.root, COMPACTED_DIR, f"_tmp-{target.rsplit('/', 1)[-1]}")
+        temporary = join(self.root, COMPACTED_DIR, f"{TEMPORARY_PREFIX}{target.rsplit('/', 1)[-1]}")
         self.fs.makedirs(join(self.root, COMPACTED_DIR), exist_ok=True)
         with self.fs.open(temporary, "wb") as fh:
             fh.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode("utf-8"))
         self.fs.mv(temporary, target)
         self._remove(snapshots + units)
-        return len(kept)
+        return kept
 
     def forget(self, sources: Iterable[str]) -> None:
         """Drop every record of these sources (before their outputs are deleted, so no record outlives them)."""
@@ -144,6 +145,6 @@ class Ledger:
         legacy = [
             p
             for p in self.fs.ls(self.root, detail=False)
-            if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith("_tmp-")
+            if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith(TEMPORARY_PREFIX)
         ]
         self._remove(legacy)

@@ -21,16 +21,16 @@ import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
 
 from auditor import schema
-from auditor.io.storage import join
+from auditor.io.storage import TEMPORARY_PREFIX, join
 
 logger = logging.getLogger(__name__)
 
 SCORES_DIR = "scores"
 FLAGGED_DIR = "flagged"
 STAGING_DIR = "_staging"
-# pyarrow.dataset, polars and Spark skip names starting with "_" or ".", so a half-written file is never read.
-TEMPORARY_PREFIX = "_tmp-"
-INTERNAL_COLUMNS = frozenset({schema.INPUT_IDS, schema.ATTENTION_MASK, *(f.name for f in schema.UNIT_FIELDS)})
+# Dropped when rows are staged, so a commit cannot mistake one for a --keep-columns column. The node that scored a
+# row is counted into the acknowledgement first (per-node throughput in _audit.json): host names stay out of files.
+INTERNAL_COLUMNS = schema.INTERNAL_COLUMNS
 
 
 def shard_dir(root: str, shard: str) -> str:

@@ -1,14 +1,16 @@
-"""Stream one input file as Arrow tables with a row index, for parquet, jsonl, csv/tsv and txt. pyarrow/fsspec only.
+"""Stream one input file as Arrow tables with a row index, for parquet, jsonl, csv/tsv and txt (the text formats
+also compressed: fsspec decompresses them on the fly). pyarrow/fsspec only.
 
 A file is read front to back so every row gets its index in the file (`row`), which synthetic ids need.
 Row numbering: parquet and csv/tsv count data rows (no header); jsonl counts non-blank lines; txt counts every line,
-blank ones included (they become empty captions). Bad records never raise: they come back with a status.
+blank ones included (they become empty captions). A compressed file numbers the lines of its decompressed text. Bad records never raise: they come back with a status.
 Types: csv/tsv columns and jsonl id/keep columns are read as text (JSON text for non-string values), so chunks
 and files always agree; parquet columns keep their types.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -22,7 +24,14 @@ from fsspec.spec import AbstractFileSystem
 
 from auditor import schema
 from auditor.errors import InputDataError
-from auditor.io.inputs import TXT_COLUMN, InputFile
+from auditor.io.inputs import (
+    DECOMPRESSION_ERRORS,
+    TXT_COLUMN,
+    InputFile,
+    decompression_error,
+    json_array_error,
+    open_input,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +78,7 @@ def _records_table(records: list[dict[str, Any]], first: pa.Schema | None) -> pa
 def _csv_batches(fs: AbstractFileSystem, file: InputFile, columns: list[str] | None) -> Iterator[pa.Table]:
     delimiter = "\t" if file.format == "tsv" else ","
     parse = pacsv.ParseOptions(delimiter=delimiter)
-    with fs.open(file.path, "rb") as fh:
+    with open_input(fs, file) as fh:
         names = pacsv.open_csv(fh, parse_options=parse).schema.names
     # CSV has no types: every column stays a string, so no block can disagree with the first one.
     convert = pacsv.ConvertOptions(
@@ -77,7 +86,7 @@ def _csv_batches(fs: AbstractFileSystem, file: InputFile, columns: list[str] | N
         include_columns=[c for c in columns if c in names] if columns is not None else None,
         strings_can_be_null=False,
     )
-    with fs.open(file.path, "rb") as fh:
+    with open_input(fs, file) as fh:
         reader = pacsv.open_csv(fh, parse_options=parse, convert_options=convert)
         for batch in reader:
             yield pa.Table.from_batches([batch])
@@ -86,11 +95,17 @@ def _csv_batches(fs: AbstractFileSystem, file: InputFile, columns: list[str] | N
 def _jsonl_records(
     fs: AbstractFileSystem, file: InputFile
 ) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
-    """(record, None) per non-blank line, or (None, error) for a line that is not a JSON object."""
-    with fs.open(file.path, "rb") as fh:
+    """(record, None) per non-blank line, or (None, error) for a line that is not a JSON object. Raises
+    InputDataError for a file that holds one JSON array (its first non-blank line starts with "[").
+    """
+    first = True
+    with open_input(fs, file) as fh:
         for number, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
+            if first and raw.lstrip().startswith(b"["):
+                raise InputDataError(f"{file.source}: {json_array_error()}")
+            first = False
             try:
                 record = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -103,12 +118,23 @@ def _jsonl_records(
 
 
 def _txt_lines(fs: AbstractFileSystem, file: InputFile) -> Iterator[tuple[str | None, str | None]]:
-    with fs.open(file.path, "rb") as fh:
+    with open_input(fs, file) as fh:
         for number, raw in enumerate(fh, start=1):
             try:
                 yield raw.decode("utf-8").rstrip("\r\n"), None
             except UnicodeDecodeError as exc:
                 yield None, f"line {number}: not UTF-8 ({exc})"
+
+
+@contextlib.contextmanager
+def _decompressing(file: InputFile) -> Iterator[None]:
+    """Turn a codec's error while a compressed file is read into an InputDataError that names the file."""
+    try:
+        yield
+    except DECOMPRESSION_ERRORS as exc:
+        if file.compression is None:
+            raise
+        raise InputDataError(decompression_error(file, exc)) from exc
 
 
 def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -146,14 +172,16 @@ def read_caption_batches(
             f"{file.source} is a txt file (captions only); --id-column/--keep-columns do not apply."
         )
     start = first_row
-    for table in _caption_tables(fs, file, wanted, batch_rows, row_groups):
-        missing = [c for c in wanted if c not in table.column_names]
-        if missing and file.format in ("parquet", "csv", "tsv"):
-            raise InputDataError(
-                f"{file.source} has no column {', '.join(missing)}; columns are: {', '.join(table.column_names)}."
-            )
-        yield _normalise(table, file, caption_column, id_column, keep_columns, start)
-        start += table.num_rows
+    with _decompressing(file):
+        for table in _caption_tables(fs, file, wanted, batch_rows, row_groups):
+            missing = [c for c in wanted if c not in table.column_names]
+            if missing and file.format in ("parquet", "csv", "tsv"):
+                raise InputDataError(
+                    f"{file.source} has no column {', '.join(missing)}; columns are: "
+                    f"{', '.join(table.column_names)}."
+                )
+            yield _normalise(table, file, caption_column, id_column, keep_columns, start)
+            start += table.num_rows
 
 
 def _caption_tables(
@@ -234,19 +262,11 @@ def _jsonl_table(
     return pa.table(arrays)
 
 
-def _normalise(
-    table: pa.Table,
-    file: InputFile,
-    caption_column: str,
-    id_column: str | None,
-    keep_columns: tuple[str, ...],
-    start: int,
-) -> pa.Table:
-    n = table.num_rows
-    rows = pa.array(range(start, start + n), type=pa.int64())
-    caption = table.column(caption_column)
-    status = table.column("_status") if "_status" in table.column_names else pa.nulls(n, pa.string())
-    error = table.column("_error") if "_error" in table.column_names else pa.nulls(n, pa.string())
+def string_captions(
+    caption: pa.Array | pa.ChunkedArray, caption_column: str, status: Any, error: Any
+) -> tuple[Any, Any, Any]:
+    """(caption as string, status, error): a caption column of another type gives null captions, and NOT_STRING
+    with an error on its non-null rows. status / error: the rows' current values (null where none yet)."""
     if not (
         pa.types.is_string(caption.type)
         or pa.types.is_large_string(caption.type)
@@ -257,8 +277,23 @@ def _normalise(
         error = pc.if_else(
             bad, pa.scalar(f"caption column {caption_column!r} is {caption.type}, expected string"), error
         )
-        caption = pa.nulls(n, pa.string())
-    caption = caption.cast(pa.string())
+        caption = pa.nulls(len(caption), pa.string())
+    return caption.cast(pa.string()), status, error
+
+
+def _normalise(
+    table: pa.Table,
+    file: InputFile,
+    caption_column: str,
+    id_column: str | None,
+    keep_columns: tuple[str, ...],
+    start: int,
+) -> pa.Table:
+    n = table.num_rows
+    rows = pa.array(range(start, start + n), type=pa.int64())
+    status = table.column("_status") if "_status" in table.column_names else pa.nulls(n, pa.string())
+    error = table.column("_error") if "_error" in table.column_names else pa.nulls(n, pa.string())
+    caption, status, error = string_captions(table.column(caption_column), caption_column, status, error)
     synthetic = pa.array([f"{file.source}:{r}" for r in range(start, start + n)], type=pa.string())
     if id_column:
         ids = table.column(id_column)
@@ -286,6 +321,13 @@ def read_record_batches(
     """(table of all columns, row indices (int64)) per batch. jsonl lines that are not objects are skipped
     (the audit recorded them as bad_record); their row indices are skipped with them.
     """
+    with _decompressing(file):
+        yield from _record_batches(fs, file, batch_rows)
+
+
+def _record_batches(
+    fs: AbstractFileSystem, file: InputFile, batch_rows: int
+) -> Iterator[tuple[pa.Table, pa.Array]]:
     start = 0
     if file.format == "parquet":
         with fs.open(file.path, "rb") as fh:

@@ -11,6 +11,10 @@ from fsspec.spec import AbstractFileSystem
 
 from auditor.errors import ConfigError
 
+# Every file written under a temporary name, then moved into place, starts with this. pyarrow.dataset, polars and
+# Spark skip names starting with "_" or ".", and the ledger skips this prefix, so a half-written file is never read.
+TEMPORARY_PREFIX = "_tmp-"
+
 logger = logging.getLogger(__name__)
 
 LOCAL_PROTOCOLS = ("file", "local")
@@ -52,7 +56,7 @@ def write_json(fs: AbstractFileSystem, path: str, value: Any) -> None:
     """Write JSON to a temporary name, then move it into place, so readers never see half a file."""
     data = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
     parent, _, name = path.rpartition("/")
-    temporary = f"{parent}/_tmp-{name}"
+    temporary = f"{parent}/{TEMPORARY_PREFIX}{name}"
     fs.makedirs(parent, exist_ok=True)
     with fs.open(temporary, "wb") as fh:
         fh.write(data)

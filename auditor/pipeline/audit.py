@@ -33,9 +33,10 @@ from auditor import __version__, schema
 from auditor.config import AuditConfig
 from auditor.errors import AuditIncomplete, ConfigError
 from auditor.histogram import EDGES, merge_counts
+from auditor.io.lease import LeaseHeld, OutputLease
 from auditor.io.ledger import DONE, FAILED, Ledger
-from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, TEMPORARY_PREFIX, commit_unit, shard_dir
-from auditor.io.storage import filesystem_for, join, remove_tree, write_json
+from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, commit_unit, shard_dir
+from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, remove_tree, write_json
 from auditor.pipeline.commit import (
     UnitState,
     UnitTracker,
@@ -44,6 +45,7 @@ from auditor.pipeline.commit import (
     unit_record,
     utc_now,
 )
+from auditor.pipeline.metrics import DriverMetrics
 from auditor.pipeline.plan import AuditPlan, WorkItem, committed_units, plan_audit, record_matches
 from auditor.pipeline.progress import AuditProgress
 from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, stage_and_acknowledge
@@ -168,7 +170,10 @@ def block_bytes_for(unit_rows: int) -> int:
     return int(min(DEFAULT_BLOCK_BYTES, max(1, unit_rows // 4) * TOKENIZED_ROW_BYTES))
 
 
-def build_dataset(cfg: AuditConfig, items: list[WorkItem], resources: dict[str, float]) -> ray.data.Dataset:
+def build_dataset(
+    cfg: AuditConfig, items: list[WorkItem], resources: dict[str, float], model_fingerprint: str | None = None
+) -> ray.data.Dataset:
+    """model_fingerprint: the plan's, for the score actors' metrics tags (None: each actor hashes the model)."""
     ray.data.DataContext.get_current().target_max_block_size = block_bytes_for(cfg.unit_rows)
     rows = [{**dataclasses.asdict(item.file), DONE_UNITS: sorted(item.done_units)} for item in items]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -185,7 +190,7 @@ def build_dataset(cfg: AuditConfig, items: list[WorkItem], resources: dict[str, 
     )
     ds = ds.map_batches(
         ScoreActor,
-        fn_constructor_kwargs={"cfg": cfg},
+        fn_constructor_kwargs={"cfg": cfg, "model_fingerprint": model_fingerprint},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -230,8 +235,16 @@ class UnitCommitter:
     The ledger record is written only after the commit task has moved the unit's parts into place.
     """
 
-    def __init__(self, cfg: AuditConfig, plan: AuditPlan, ledger: Ledger, progress: AuditProgress):
+    def __init__(
+        self,
+        cfg: AuditConfig,
+        plan: AuditPlan,
+        ledger: Ledger,
+        progress: AuditProgress,
+        lease: OutputLease | None = None,
+    ):
         self.cfg = cfg
+        self.lease = lease
         self.progress = progress
         self.plan = plan
         self.ledger = ledger
@@ -275,6 +288,8 @@ class UnitCommitter:
                 self._record(state, DONE, parts)
 
     def _record(self, state: UnitState, status: str, parts: dict[str, Any] | None) -> None:
+        if self.lease is not None and self.lease.lost is not None:
+            return  # another run owns OUTPUT now: it redoes this unit; a record from here could outlive its parts
         record = unit_record(
             state, self.identities[state.source], self.plan.fingerprint, self.cfg.unit_rows, status, parts
         )
@@ -347,11 +362,19 @@ class DriverMonitor:
     """A thread beside the driver loop: ticks the progress line, and interrupts the loop (SIGUSR1 to this
     process, which the loop's handler turns into AuditInterrupted) when no acknowledgement has arrived for
     stall_timeout_s: a cluster that lost a node can wait forever for work it cannot schedule, without a word.
+    With metrics, it also exports the progress (units, ETA) to Prometheus at each tick.
     """
 
-    def __init__(self, tracker: UnitTracker, progress: AuditProgress, stall_timeout_s: float):
+    def __init__(
+        self,
+        tracker: UnitTracker,
+        progress: AuditProgress,
+        stall_timeout_s: float,
+        metrics: DriverMetrics | None = None,
+    ):
         self.tracker = tracker
         self.progress = progress
+        self.metrics = metrics
         self.stall_timeout_s = stall_timeout_s
         self.stalled_s: float | None = None
         self.cluster = ""  # cluster_state() when the stall was detected
@@ -369,6 +392,8 @@ class DriverMonitor:
     def _run(self) -> None:
         while not self._stop.wait(MONITOR_PERIOD_S):
             self.progress.tick()
+            if self.metrics is not None:
+                self.metrics.update(self.progress.snapshot())
             idle = time.monotonic() - self.tracker.last_ack
             if idle > self.stall_timeout_s:
                 self.stalled_s = idle
@@ -378,9 +403,10 @@ class DriverMonitor:
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
+def interruptible(armed: threading.Event | None = None) -> Iterator[None]:
     """SIGTERM and the watchdog's signal raise AuditInterrupted in the driver loop (main thread only; elsewhere,
-    e.g. a notebook's worker thread, the default handlers stay)."""
+    e.g. a notebook's worker thread, the default handlers stay). `armed` is set while the handlers are in place,
+    so that another thread knows it may send STALL_SIGNAL (whose default action would end the process)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -389,9 +415,14 @@ def interruptible() -> Iterator[None]:
         raise AuditInterrupted(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, STALL_SIGNAL)}
+    was_armed = armed is not None and armed.is_set()
+    if armed is not None:
+        armed.set()
     try:
         yield
     finally:
+        if armed is not None and not was_armed:
+            armed.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -437,20 +468,67 @@ def cpus_and_gpus(resources: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU")) or "none"
 
 
+def take_lease(fs: Any, output_path: str, cfg: AuditConfig) -> OutputLease:
+    """OUTPUT's lease, before its ledger is read or anything under it changes: a second audit of the same OUTPUT
+    is refused here (LeaseHeld, exit 2), in seconds and before Ray starts."""
+    lease = OutputLease(
+        fs, output_path, cfg.output, ttl_s=cfg.lease_ttl_s, heartbeat_s=cfg.lease_heartbeat_s,
+        break_lease=cfg.break_lease,
+    )  # fmt: skip
+    try:
+        lease.acquire()
+    except LeaseHeld:
+        raise
+    except Exception as exc:  # the store's own error types
+        raise ConfigError(
+            f"OUTPUT {cfg.output}: its lease (_lease.json) cannot be taken ({type(exc).__name__}: {exc}); check the "
+            "path, its permissions (or the bucket policy), the endpoint and credentials."
+        ) from exc
+    return lease
+
+
 def run(cfg: AuditConfig) -> AuditResult:
     started_at = utc_now()
-    # 1. Check inputs, columns, threshold and model before Ray starts.
+    # 1. One audit at a time per OUTPUT: the lease, renewed while the run goes on, deleted however it ends.
+    fs, output_path = filesystem_for(cfg.output, cfg.storage_options)
+    check_output_writable(fs, output_path, cfg.output)
+    lease = take_lease(fs, output_path, cfg)
+    armed = threading.Event()  # the driver loop's signal handlers are in place
+
+    def on_lost(reason: str) -> None:
+        logger.error("OUTPUT %s: %s; the audit stops", cfg.output, reason)
+        if armed.is_set():
+            os.kill(os.getpid(), STALL_SIGNAL)
+
+    try:
+        with lease.heartbeat(on_lost), interruptible(armed):
+            return run_holding_lease(cfg, fs, output_path, lease, armed, started_at)
+    except AuditInterrupted as exc:  # outside the driver loop: planning, clearing old outputs, the summary
+        lease.check()
+        reason = "stopped by SIGTERM (ray job stop, or the operator)." if str(exc) == "SIGTERM" else f"{exc}."
+        raise AuditIncomplete(
+            f"the audit stopped: {reason} Units committed before are kept; rerun the same command (committed "
+            "units are skipped, nothing is written twice)."
+        ) from None
+    finally:
+        lease.release()
+
+
+def run_holding_lease(
+    cfg: AuditConfig, fs: Any, output_path: str, lease: OutputLease, armed: threading.Event, started_at: str
+) -> AuditResult:
+    # 2. Check inputs, columns, threshold and model before Ray starts.
     plan = plan_audit(cfg)
     timings = dict(plan.timings_s)
-    fs, output_path = filesystem_for(cfg.output, cfg.storage_options)
     ledger = Ledger(fs, output_path)
     if (cfg.address or os.environ.get("RAY_ADDRESS")) is None and cfg.num_cpus is not None and plan.pending:
         check_cpus(cfg, cfg.num_cpus)
-    # 2. Clear what a killed run or an earlier version of a file left behind.
+    # 3. Clear what a killed run or an earlier version of a file left behind.
     step = time.perf_counter()
-    check_output_writable(fs, output_path, cfg.output)
+    lease.check()
     prepare_output(fs, output_path, ledger, plan, cfg)
     timings["prepare_output"] = time.perf_counter() - step
+    lease.check()
     tracker = UnitTracker()
     committer: UnitCommitter | None = None
     monitor: DriverMonitor | None = None
@@ -459,7 +537,7 @@ def run(cfg: AuditConfig) -> AuditResult:
     runtime: dict[str, Any] = {}
     error: BaseException | None = None
     if plan.pending:
-        # 3. Ray and the streaming pipeline; the driver sees acknowledgements only.
+        # 4. Ray and the streaming pipeline; the driver sees acknowledgements only.
         step = time.perf_counter()
         init_ray(cfg.address, cfg.num_cpus, cfg.quiet)
         resources = actor_resources(cfg, local=cfg.address is None and not os.environ.get("RAY_ADDRESS"))
@@ -473,12 +551,17 @@ def run(cfg: AuditConfig) -> AuditResult:
         progress = AuditProgress(
             expected_units(plan, tracker), interval_s=cfg.progress_interval, quiet=cfg.quiet
         )
-        committer = UnitCommitter(cfg, plan, ledger, progress)
-        ds = build_dataset(cfg, plan.pending, resources)
+        committer = UnitCommitter(cfg, plan, ledger, progress, lease)
+        ds = build_dataset(cfg, plan.pending, resources, plan.model_fingerprint)
+        metrics = DriverMetrics(plan.model_fingerprint)
         tracker.last_ack = time.monotonic()
         try:
-            with interruptible(), DriverMonitor(tracker, progress, cfg.stall_timeout_s) as monitor:
+            with (
+                interruptible(armed),
+                DriverMonitor(tracker, progress, cfg.stall_timeout_s, metrics) as monitor,
+            ):
                 for acks in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    lease.check()
                     committer.submit(tracker.consume(acks))
                     committer.poll()
                     progress.set_total(
@@ -493,6 +576,9 @@ def run(cfg: AuditConfig) -> AuditResult:
             except Exception as exc:
                 error = error or exc
             throughput = progress.close()
+            metrics.update(progress.snapshot())
+        # Another run owns OUTPUT now: leave its staging, ledger and _audit.json alone.
+        lease.check()
         if error is None:
             # Nothing is in flight now: what staging still holds belongs to failed units or to task attempts
             # that Ray retried (their rows were acknowledged from the retry), never to a committed unit.
@@ -501,18 +587,22 @@ def run(cfg: AuditConfig) -> AuditResult:
         runtime["actors"] = [json.loads(raw) for raw in sorted(tracker.runtimes)]
         timings["pipeline"] = time.perf_counter() - step
         ray_stats = ds.stats() if error is None else ""
-    # 4. Fold the ledger into one snapshot (drop records of changed files), then the summary next to the results.
+    # 5. Fold the ledger into one snapshot (drop records of changed files), then the summary next to the results.
     step = time.perf_counter()
+    lease.check()
     current = {f.source: f for f in plan.files}
     try:
-        ledger.compact(
+        kept = ledger.compact(
             keep=lambda r: (
                 r["source"] not in current
                 or record_matches(r, current[r["source"]], plan.fingerprint, cfg.unit_rows)
             )
         )
         timings["compact_ledger"] = time.perf_counter() - step
-        result = summarize(cfg, plan, committer, tracker, ledger, timings, ray_stats, started_at, runtime)
+        # Nothing writes the ledger now (the driver records every unit, and its commits have been waited for), so
+        # what compact kept is the ledger: no second read of it.
+        records = [r for r in kept if r["source"] in current]
+        result = summarize(cfg, plan, committer, tracker, records, timings, ray_stats, started_at, runtime)
         result.summary["throughput"] = throughput
         if error is not None:
             result.summary["stopped"] = stop_reason(error, monitor, cfg)
@@ -578,7 +668,7 @@ def summarize(
     plan: AuditPlan,
     committer: UnitCommitter | None,
     tracker: UnitTracker,
-    ledger: Ledger,
+    records: list[dict[str, Any]],
     timings: dict[str, float],
     ray_stats: str,
     started_at: str,
@@ -590,13 +680,7 @@ def summarize(
     for record in committed:
         run_counts.update(record["counts"])
         run_counts["rows"] += record["rows"]
-    # What the output holds for this run's inputs, from the ledger as it is now (one read of the snapshot).
-    current = {f.source: f for f in plan.files}
-    records = [
-        r
-        for r in ledger.entries().values()
-        if r["source"] in current and record_matches(r, current[r["source"]], plan.fingerprint, cfg.unit_rows)
-    ]
+    # records: what the output holds for this run's inputs, each matching this run (compact kept only those).
     done_records = [r for r in records if r["status"] == DONE]
     total: Counter = Counter()
     for record in done_records:
@@ -629,6 +713,7 @@ def summarize(
         "finished_at": utc_now(),
         "config": cfg.to_json(),
         "model_fingerprint": plan.model_fingerprint,
+        "model_family": plan.model_family,
         "run_fingerprint": plan.fingerprint,
         "threshold": plan.threshold.value,
         "threshold_origin": plan.threshold.origin,

@@ -22,10 +22,11 @@ import ray
 from auditor import schema
 from auditor.config import FilterConfig
 from auditor.errors import ConfigError
+from auditor.formats import strip_extensions
 from auditor.io.inputs import InputFile, list_inputs
-from auditor.io.parquet import SCORES_DIR, TEMPORARY_PREFIX, read_shard
+from auditor.io.parquet import SCORES_DIR, read_shard
 from auditor.io.readers import read_record_batches
-from auditor.io.storage import filesystem_for, join, read_json, write_json
+from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, read_json, write_json
 from auditor.pipeline.audit import AUDIT_FILE, init_ray
 from auditor.pipeline.commit import utc_now
 
@@ -47,8 +48,7 @@ class FilterResult:
 
 
 def output_path_for(root: str, file: InputFile) -> str:
-    stem = file.relative.rsplit(".", 1)[0] if "." in file.relative.rsplit("/", 1)[-1] else file.relative
-    return join(root, f"{stem}.parquet")
+    return join(root, f"{strip_extensions(file.relative)}.parquet")
 
 
 def row_ids(table: pa.Table, rows: pa.Array, source: str, id_column: str | None) -> pa.Array:
@@ -143,7 +143,7 @@ def run_filter(cfg: FilterConfig) -> FilterResult:
     audit_file = join(cfg.audit_output, AUDIT_FILE)
     if id_column is None and audit_fs.exists(join(audit_path, AUDIT_FILE)):
         id_column = read_json(audit_file, cfg.storage_options).get("config", {}).get("id_column")
-    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options)
+    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options, cfg.compression)
     # 2. One task per file.
     init_ray(cfg.address, cfg.num_cpus, cfg.quiet)
     items = [dataclasses.asdict(f) for f in files]

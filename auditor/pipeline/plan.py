@@ -71,6 +71,7 @@ class AuditPlan:
     threshold: ThresholdChoice
     model_fingerprint: str
     fingerprint: str
+    model_family: str
     records: dict[str, list[dict[str, Any]]]  # source -> its ledger records valid for this run
     stale_sources: set[str]  # sources in the ledger whose records no longer match (changed file or options)
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -96,6 +97,31 @@ def resolve_threshold(cfg: AuditConfig) -> ThresholdChoice:
     return ThresholdChoice(float(value), {"kind": "file", "path": cfg.threshold_file, "content": content})
 
 
+def warn_if_calibrated_elsewhere(threshold: ThresholdChoice, family: str, model_fingerprint: str) -> None:
+    """A threshold file from another model family or model still runs, with a warning: thresholds are per model."""
+    content = threshold.origin.get("content") if threshold.origin.get("kind") == "file" else None
+    if not isinstance(content, dict):
+        return
+    path = threshold.origin.get("path")
+    calibrated_family = content.get("model_family", "sd" if "model_fingerprint" in content else None)
+    if calibrated_family is not None and calibrated_family != family:
+        logger.warning(
+            "--threshold-file %s was calibrated on a %s model, this audit runs a %s model: thresholds never transfer "
+            "between families; recalibrate with `auditor calibrate` on this model.",
+            path,
+            calibrated_family,
+            family,
+        )
+    elif content.get("model_fingerprint") not in (None, model_fingerprint):
+        logger.warning(
+            "--threshold-file %s was calibrated on another model (fingerprint %s..., this one %s...): thresholds "
+            "are per model; recalibrate with `auditor calibrate` on this model.",
+            path,
+            str(content["model_fingerprint"])[:12],
+            model_fingerprint[:12],
+        )
+
+
 def load_explain() -> Callable[..., Any]:
     """`auditor.scoring.explain.explain`, or ConfigError when that module is missing or broken."""
     try:
@@ -111,6 +137,9 @@ def run_fingerprint(cfg: AuditConfig, model_fingerprint: str, threshold: Thresho
     """sha256 of the model and every option that changes output rows: a ledger record is reused only on a match."""
     payload = {name: getattr(cfg, name) for name in RESULT_FIELDS}
     payload.update(model=model_fingerprint, threshold=threshold.value)
+    if cfg.compression is not None:
+        # Only when given, so that audits from before --compression existed keep their fingerprint.
+        payload["compression"] = cfg.compression
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -249,7 +278,7 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
     if cfg.explain_flagged:
         load_explain()
     # 2. Inputs (one listing, identities included) and what the ledger already holds.
-    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options)
+    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options, cfg.compression)
     timings["list_inputs"] = time.perf_counter() - started
     started = time.perf_counter()
     out_fs, out_path = filesystem_for(cfg.output, cfg.storage_options)
@@ -264,8 +293,9 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
     # 3. The model: local copy, layout check and fingerprint (hashing weights takes seconds for SD-sized models).
     started = time.perf_counter()
     root = resolve_model_dir(cfg.model, cfg.storage_options)
-    check_model_dir(root)
+    model_family = check_model_dir(root).name
     model_fingerprint = fingerprint_model(root)
+    warn_if_calibrated_elsewhere(threshold, model_family, model_fingerprint)
     fingerprint = run_fingerprint(cfg, model_fingerprint, threshold)
     timings["model_fingerprint"] = time.perf_counter() - started
     # 4. What to do, file by file and unit by unit.
@@ -295,6 +325,7 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
         threshold=threshold,
         model_fingerprint=model_fingerprint,
         fingerprint=fingerprint,
+        model_family=model_family,
         records=valid,
         stale_sources=stale,
         timings_s=timings,

@@ -213,6 +213,18 @@ class AuditProgress:
             return (self.total_rows - self.rows) / rows_per_s
         return units_left * window / len(self._recent)
 
+    def snapshot(self) -> dict[str, Any]:
+        """{"units_committed", "units_failed", "units_remaining", "eta_s"} now, read under the lock (safe from the
+        monitor thread while the driver loop commits); eta_s None: unknown. What the Prometheus metrics export."""
+        with self._lock:
+            now = self._clock()
+            return {
+                "units_committed": self.units_committed,
+                "units_failed": self.units_failed,
+                "units_remaining": max(self.total_units - self.units_committed - self.units_failed, 0),
+                "eta_s": self.eta_s(now),
+            }
+
     def line(self, now: float | None = None) -> str:
         """`audit progress: 12/40 units (30.0%), 1,234,567 rows, 1,234 rows/s (last 60 s), ETA 0:12:34`."""
         now = self._clock() if now is None else now

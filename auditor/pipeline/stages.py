@@ -1,7 +1,9 @@
 """The pipeline's steps as Ray Data UDFs: read an input file's pending units, tokenize on CPU, score in an actor,
 stage the scored rows on the worker and acknowledge them.
 
-Each is plain Python over pyarrow tables, so a test can call it without Ray: `ScoreActor(cfg)(table)`.
+Each is plain Python over pyarrow tables, so a test can call it without Ray: `ScoreActor(cfg)(table)`. Importing
+this module imports neither torch nor diffusers (the read, write and commit workers load it): only the score
+actor loads the model code, in its constructor.
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from auditor import schema
-from auditor.config import AuditConfig
+from auditor.config import AuditConfig, ScoreConfig
 from auditor.histogram import count_scores
 from auditor.io.inputs import InputFile, shard_key
 from auditor.io.parquet import stage_rows
 from auditor.io.readers import DEFAULT_BATCH_ROWS, read_caption_batches
 from auditor.io.storage import filesystem_for
 from auditor.io.units import WorkUnit, units_of
+from auditor.pipeline.metrics import ScoreMetrics, ray_active
 from auditor.pipeline.plan import load_explain, resolve_threshold
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table, tokenized_from_table
-from auditor.scoring.scorer import TokenizedCaptions
+from auditor.scoring.tokens import TokenizedCaptions
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +140,12 @@ class ScoreActor:
     Input: a tokenize_table output, or a read table without token columns (then it tokenizes itself).
     Output: the batch without the internal token columns, plus score (float32, null unless status ok) and
     flagged (bool); with explain_flagged also tokens / token_significance (null unless flagged).
+
+    cfg: an AuditConfig, or a ScoreConfig (auditor.ray_data). model_fingerprint tags the actor's metrics
+    (auditor.pipeline.metrics); None: the Scorer's own, computed only when the actor runs inside Ray.
     """
 
-    def __init__(self, cfg: AuditConfig):
+    def __init__(self, cfg: ScoreConfig, model_fingerprint: str | None = None):
         import torch
 
         from auditor.scoring import Scorer
@@ -162,12 +168,16 @@ class ScoreActor:
         self.node = current_node()
         self.threshold = resolve_threshold(cfg).value
         self.explain = load_explain() if cfg.explain_flagged else None
-        self.tokenizer = CaptionTokenizer(self.scorer.tokenizer)
+        self.tokenizer = CaptionTokenizer(self.scorer.caption_tokenizer)
         self._cache: OrderedDict[bytes, float] = OrderedDict()
         self.cache_hits = 0
+        if model_fingerprint is None and ray_active():
+            model_fingerprint = self.scorer.fingerprint
+        self.metrics = ScoreMetrics(model_fingerprint)
         logger.info("ScoreActor ready on %s in %.1fs", self.scorer.device, time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         if schema.INPUT_IDS not in batch.column_names:
             batch = tokenize_table(batch, self.tokenizer)
         tokens, ok = tokenized_from_table(batch)
@@ -196,6 +206,9 @@ class ScoreActor:
         # What this actor really runs with (a capture can fail, the shared head can turn off at its first score)
         # rides along in the schema metadata of batches it scored, when that is settled: no per-row cost, and the
         # driver strips it before writing.
+        if self.metrics.enabled:
+            data_rows = Counter(s for s in status if s not in schema.CONTROL_STATUSES)
+            self.metrics.record_batch(data_rows, int(flagged.sum()), time.perf_counter() - started)
         if ok.any():
             runtime = json.dumps({**self.scorer.runtime, **self.host_info}, sort_keys=True)
             out = out.replace_schema_metadata({schema.ACTOR_RUNTIME_KEY: runtime.encode()})

@@ -1,6 +1,6 @@
 """CPU stage: validate captions and tokenize them exactly as `Scorer.tokenize` does, without loading the model.
 
-Imports transformers lazily (only the tokenizer folder is read); never imports ray.
+Imports transformers lazily (only the tokenizer folder is read); never imports ray, torch or diffusers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from auditor import schema
-from auditor.scoring.tokens import TokenizedCaptions, tokenize_captions
+from auditor.scoring.tokens import PackedTokenizer, TokenizedCaptions
 
 logger = logging.getLogger(__name__)
 
@@ -23,30 +23,31 @@ TOKEN_COLUMNS = (schema.N_TOKENS, schema.TRUNCATED, schema.INPUT_IDS, schema.ATT
 
 
 class CaptionTokenizer:
-    """The tokenizer alone (no model weights), tokenizing with the same function as `Scorer.tokenize`."""
+    """The model family's tokenizers alone (no model weights), tokenizing with the same `PackedTokenizer` as
+    `Scorer.tokenize`: every tokenizer's ids side by side in one row (SDXL two, SD3 three, SD and PixArt one).
+    """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: PackedTokenizer):
         self.tokenizer = tokenizer
-        self.max_length = int(tokenizer.model_max_length)
+        self.max_length = int(tokenizer.max_length)
 
     @classmethod
     def from_model(cls, model: str, storage_options: dict[str, Any] | None = None) -> CaptionTokenizer:
         return _cached_tokenizer(model, tuple(sorted((storage_options or {}).items())))
 
     def tokenize(self, captions: Sequence[str]) -> TokenizedCaptions:
-        return tokenize_captions(self.tokenizer, captions)
+        return self.tokenizer.tokenize(captions)
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizer(model: str, storage_items: tuple[tuple[str, Any], ...]) -> CaptionTokenizer:
     """One tokenizer per worker process: Ray reuses worker processes across tasks."""
-    import transformers
-
+    from auditor.scoring.layout import detect_layout
     from auditor.scoring.loading import resolve_model_dir
+    from auditor.scoring.tokens import load_packed_tokenizer
 
-    transformers.utils.logging.disable_progress_bar()
     root = resolve_model_dir(model, dict(storage_items))
-    return CaptionTokenizer(transformers.AutoTokenizer.from_pretrained(root / "tokenizer"))
+    return CaptionTokenizer(load_packed_tokenizer(root, detect_layout(root)))
 
 
 def _fixed_lists(matrix: np.ndarray) -> pa.FixedSizeListArray:

@@ -58,6 +58,7 @@ def calibrate_threshold(
         "reference_score_histogram": reference_histogram(scores),
         "model": model,
         "model_fingerprint": scorer.fingerprint,
+        "model_family": scorer.family_name,
         "generations": generations,
         "steps": steps,
         "seed": seed,

@@ -19,7 +19,7 @@ import numpy as np
 
 from auditor import __version__, histogram
 from auditor.errors import ConfigError
-from auditor.io.storage import filesystem_for, join, to_uri
+from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, to_uri
 from auditor.report import plots
 from auditor.report.audit_output import (
     AuditOutput,
@@ -85,7 +85,7 @@ def write_report(
     parent, name = posixpath.split(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    temporary = posixpath.join(parent, f"_tmp-{name}")
+    temporary = posixpath.join(parent, f"{TEMPORARY_PREFIX}{name}")
     with fs.open(temporary, "wb") as fh:
         fh.write(html.encode("utf-8"))
     fs.mv(temporary, path)
@@ -199,7 +199,13 @@ def threshold_view(current: AuditOutput) -> dict[str, Any]:
                 shown = format_percent(value) if key.endswith("fpr") else format_value(value)
                 view["details"].append((label, shown))
         calibrated_on = content.get("model_fingerprint")
-        if (
+        calibrated_family = content.get("model_family", "sd" if calibrated_on else None)
+        if calibrated_family and summary.get("model_family") and calibrated_family != summary["model_family"]:
+            view["warning"] = (
+                f"The threshold was calibrated on a {calibrated_family} model and this audit ran a "
+                f"{summary['model_family']} model: thresholds never transfer between families; recalibrate."
+            )
+        elif (
             calibrated_on
             and summary.get("model_fingerprint")
             and calibrated_on != summary["model_fingerprint"]
@@ -245,6 +251,7 @@ def summary_section(current: AuditOutput, scan: ScoreScan) -> dict[str, Any]:
         "run": [
             (label, format_value(summary[key]))
             for key, label in (
+                ("model_family", "model family"),
                 ("model_fingerprint", "model fingerprint"),
                 ("run_fingerprint", "run fingerprint"),
                 ("auditor_version", "auditor version"),

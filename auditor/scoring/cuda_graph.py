@@ -1,4 +1,4 @@
-"""CUDA-graph replay of fixed-shape forwards (text encoder, first-step UNet). torch only.
+"""CUDA-graph replay of fixed-shape forwards (text encoder, first-step denoiser). torch only.
 
 A graph is captured once per actor for one batch shape; a smaller batch is copied into the first rows of the
 static inputs and only those rows of the output are returned, so padding never reaches a score.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -57,28 +58,31 @@ class CudaGraphRunner:
         return self.static_output[:rows].clone()
 
 
-class GraphedFirstStepUNet:
-    """A Scorer denoiser: graph replay for the first DDIM timestep, eager for every other call."""
+class GraphedFirstStep:
+    """A Scorer denoiser: graph replay at the first timestep, eager for every other call.
+
+    denoise: the family's `denoise(sample, timestep, conditioning)`; the conditioning's tensors (embeddings, and
+    pooled text or a mask where the family has them) are static inputs of the graph beside the sample.
+    """
 
     def __init__(
         self,
-        unet: torch.nn.Module,
-        first_timestep: int,
+        denoise: Callable[..., torch.Tensor],
+        first_timestep: torch.Tensor,
         example_sample: torch.Tensor,
-        example_embeds: torch.Tensor,
+        example_cond: Any,
     ):
-        self.unet = unet
-        self.first_timestep = first_timestep
-        static_t = torch.tensor(first_timestep, device=example_sample.device)
+        self.denoise = denoise
+        self.first_timestep = float(first_timestep)
+        self.template = example_cond
+        static_t = torch.as_tensor(first_timestep, device=example_sample.device)
 
-        def first_step(sample: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-            return unet(sample, static_t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        def first_step(sample: torch.Tensor, *cond_tensors: torch.Tensor) -> torch.Tensor:
+            return denoise(sample, static_t, self.template.with_tensors(list(cond_tensors)))
 
-        self.runner = CudaGraphRunner(first_step, [example_sample, example_embeds])
+        self.runner = CudaGraphRunner(first_step, [example_sample, *example_cond.tensors()])
 
-    def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        if int(timestep) == self.first_timestep:
-            return self.runner(sample, prompt_embeds)
-        return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Any) -> torch.Tensor:
+        if float(timestep) == self.first_timestep:
+            return self.runner(sample, *cond.tensors())
+        return self.denoise(sample, timestep, cond)

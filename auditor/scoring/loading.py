@@ -1,4 +1,4 @@
-"""Turn a model reference (local folder, hub id, fsspec URI) into loaded SD components.
+"""Turn a model reference (local folder, hub id, fsspec URI) into the loaded components of its model family.
 
 Knows diffusers/transformers layouts; remote folders are localised by `auditor.io.model_store`
 (fsspec only), so this module itself never touches object storage.
@@ -10,40 +10,66 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from auditor.errors import ModelLoadError
+from auditor.scoring import layout as layouts
+from auditor.scoring.layout import FamilyLayout
+from auditor.scoring.tokens import load_packed_tokenizer
+
+# Resolving a model folder needs no torch: the pipeline's CPU stage does it for the tokenizer.
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_COMPONENTS = ("unet", "text_encoder")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# What a scoring run needs from a hub snapshot; pickles are never fetched.
+# What a scoring run needs from a hub snapshot, for every family's component folders; pickles are never fetched.
 HUB_ALLOW_PATTERNS = [
     "model_index.json",
-    "unet/*.json",
-    "unet/*.safetensors",
-    "text_encoder/*.json",
-    "text_encoder/*.safetensors",
+    *(
+        f"{folder}/{pattern}"
+        for folder in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+        for pattern in ("*.json", "*.safetensors")
+    ),
     "tokenizer/*",
+    "tokenizer_2/*",
+    "tokenizer_3/*",
     "scheduler/*.json",
+    "vae/config.json",
 ]
 
 
 @dataclass
 class ModelComponents:
-    """The four pieces the score needs, already on their device and dtype."""
+    """What the score needs, already on its device and dtype.
+
+    unet: the denoiser (a UNet, or a transformer for DiT families); tokenizer / text_encoder: the family's main
+    ones; modules: every text encoder by folder (None where model_index.json records it as null);
+    packed_tokenizer: all of the family's tokenizers (`auditor.scoring.tokens.PackedTokenizer`).
+    """
 
     root: Path
     tokenizer: Any
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
     scheduler_config: dict[str, Any]
+    family: str = "sd"
+    modules: dict[str, torch.nn.Module | None] = field(default_factory=dict)
+    packed_tokenizer: Any = None
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
+    vae_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.packed_tokenizer is None:
+            from auditor.scoring.tokens import PackedTokenizer
+
+            self.packed_tokenizer = PackedTokenizer(
+                [("tokenizer", self.tokenizer, self.tokenizer.model_max_length)]
+            )
+        if not self.modules:
+            self.modules = {"text_encoder": self.text_encoder}
 
 
 def is_remote_uri(model: str) -> bool:
@@ -85,49 +111,50 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def check_model_dir(root: Path) -> None:
-    """Fail with a message naming what is missing, and refuse pickle-only weights."""
-    missing = [name for name in REQUIRED_COMPONENTS if not (root / name).is_dir()]
-    if missing:
-        present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        raise ModelLoadError(
-            f"model folder {root} is missing {', '.join(missing)}; it has: {', '.join(present) or 'nothing'}. "
-            "A Stable Diffusion folder in diffusers format needs unet/, text_encoder/, tokenizer/ and scheduler/."
-        )
-    for name in WEIGHT_COMPONENTS:
-        folder = root / name
-        files = [p.name for p in folder.iterdir()]
-        if any(f.endswith(".safetensors") for f in files):
-            continue
-        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise ModelLoadError(
-                f"{folder} has only pickle weights ({', '.join(sorted(pickles))}); auditor loads safetensors only, "
-                "since unpickling runs arbitrary code. Convert once with `save_pretrained(..., safe_serialization=True)`."
-            )
-        raise ModelLoadError(
-            f"{folder} has no *.safetensors weights; found: {', '.join(sorted(files)) or 'nothing'}."
-        )
+def check_model_dir(root: Path) -> FamilyLayout:
+    """The folder's family layout, after naming what is missing and refusing pickle-only weights."""
+    return layouts.check_model_dir(root)
 
 
 def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> ModelComponents:
-    """Load tokenizer, text encoder, UNet and scheduler config from a checked local folder."""
+    """Load the family's tokenizers, text encoders, denoiser and scheduler config from a checked local folder."""
+    import diffusers
     import transformers
-    from diffusers import UNet2DConditionModel
-    from transformers import AutoTokenizer
 
-    check_model_dir(root)
+    layout = check_model_dir(root)
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    text_config = json.loads((root / "text_encoder" / "config.json").read_text())
-    architecture = (text_config.get("architectures") or ["CLIPTextModel"])[0]
-    text_encoder_cls = getattr(transformers, architecture, transformers.CLIPTextModel)
-    text_encoder = text_encoder_cls.from_pretrained(root / "text_encoder", use_safetensors=True, dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=dtype)
+    packed = load_packed_tokenizer(root, layout)
+    present = set(layouts.present_components(root, layout))
+    modules: dict[str, torch.nn.Module | None] = {}
+    for name in layout.text_encoders:
+        if name not in present:
+            modules[name] = None
+            continue
+        text_config = json.loads((root / name / "config.json").read_text())
+        architecture = (text_config.get("architectures") or ["CLIPTextModel"])[0]
+        text_encoder_cls = getattr(transformers, architecture, transformers.CLIPTextModel)
+        encoder = text_encoder_cls.from_pretrained(root / name, use_safetensors=True, dtype=dtype)
+        modules[name] = encoder.to(device=device).eval().requires_grad_(False)
+    denoiser_config = json.loads((root / layout.denoiser / "config.json").read_text())
+    denoiser_cls = getattr(diffusers, denoiser_config.get("_class_name", "UNet2DConditionModel"))
+    denoiser = denoiser_cls.from_pretrained(root / layout.denoiser, use_safetensors=True, torch_dtype=dtype)
+    denoiser.to(device=device).eval().requires_grad_(False)
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    text_encoder.to(device=device).eval().requires_grad_(False)
-    unet.to(device=device).eval().requires_grad_(False)
-    return ModelComponents(root, tokenizer, text_encoder, unet, scheduler_config)
+    vae_config_path = root / "vae" / "config.json"
+    vae_config = json.loads(vae_config_path.read_text()) if vae_config_path.is_file() else None
+    main_encoder = modules[layout.text_encoders[0]]
+    return ModelComponents(
+        root,
+        packed.main_tokenizer,
+        main_encoder,
+        denoiser,
+        scheduler_config,
+        family=layout.name,
+        modules=modules,
+        packed_tokenizer=packed,
+        pipeline_config=layouts.read_model_index(root) or {},
+        vae_config=vae_config,
+    )
 
 
 def fingerprint_model(root: Path) -> str:

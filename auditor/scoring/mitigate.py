@@ -17,6 +17,7 @@ import torch
 
 from auditor.errors import ConfigError
 from auditor.scoring import magnitude
+from auditor.scoring.families import Conditioning
 from auditor.scoring.scorer import Scorer
 from auditor.scoring.tokens import tokenize_one_caption
 
@@ -32,7 +33,8 @@ class MitigationResult:
     """prompt_embeds: (1, L, D) float32 on CPU, the optimised text-encoder output (BOS row unchanged); pass it to
     a pipeline as `prompt_embeds` with the same x_T. magnitude_before/after: per-sample first-step magnitude
     averaged over generations, before any update and for the returned embedding. iterations: AdamW updates taken.
-    reached_target: magnitude_after <= target.
+    reached_target: magnitude_after <= target. pooled_prompt_embeds: (1, P) float32, the optimised pooled text for
+    families that have one (SDXL, SD3; pass it as `pooled_prompt_embeds`), else None.
     """
 
     prompt_embeds: torch.Tensor
@@ -40,6 +42,7 @@ class MitigationResult:
     magnitude_after: float
     iterations: int
     reached_target: bool
+    pooled_prompt_embeds: torch.Tensor | None = None
 
 
 def check_mitigate_args(target: float, lr: float, max_iters: int) -> None:
@@ -72,20 +75,23 @@ def float32_unet(scorer: Scorer) -> torch.nn.Module:
 def first_step_magnitudes(
     scorer: Scorer,
     unet: torch.nn.Module,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor | Conditioning,
     x_T: torch.Tensor,
     uncond: torch.Tensor,
 ) -> torch.Tensor:
-    """(n,) float32 per-sample magnitudes at t1 for (1 or n, L, D) float32 embeddings, differentiable.
+    """(n,) float32 per-sample magnitudes at t1 for float32 conditioning of 1 or n rows (SD: (1 or n, L, D)
+    embeddings), differentiable.
 
-    x_T: (n, C, H, W) float32 on the device; uncond: the float32 UNet output for E("") on x_T.
+    unet: the denoiser to run (`float32_unet`); x_T: (n, C, H, W) float32 on the device; uncond: its float32 output
+    for the unconditional conditioning on x_T.
     """
+    family = scorer.family
     timestep = scorer.timesteps[0]
-    embeds = prompt_embeds.expand(x_T.shape[0], -1, -1)
-    cond = unet(x_T, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
-    eps_cond = magnitude.to_epsilon(cond, x_T, int(timestep), scorer.scheduler)
-    eps_uncond = magnitude.to_epsilon(uncond, x_T, int(timestep), scorer.scheduler)
-    return magnitude.per_sample_l2(eps_cond - eps_uncond)
+    cond_rows = scorer.as_conditioning(prompt_embeds).expand(x_T.shape[0])
+    cond = family.denoise(x_T, timestep, cond_rows, module=unet)
+    scored_cond = family.scored_output(cond, x_T, timestep)
+    scored_uncond = family.scored_output(uncond, x_T, timestep)
+    return magnitude.per_sample_l2(scored_cond.float() - scored_uncond.float())
 
 
 def mitigate(
@@ -97,42 +103,52 @@ def mitigate(
     generations: int = 1,
     seed: int = 0,
 ) -> MitigationResult:
-    """Optimise e_p = E(caption), the full (L, D) text-encoder output, until its first-step magnitude <= target.
+    """Optimise the caption's conditioning, the full (L, D) token embeddings (and the pooled text where the family
+    has one), until its first-step magnitude <= target.
 
     Convention: the loss is the per-sample magnitude m_k = || eps(x_T^k, t1, e) - eps(x_T^k, t1, E("")) ||_2
-    averaged over the n generations, i.e. on the same scale as `Scorer.score(..., steps=1)` for any n (the
-    reference code uses one norm over all n samples jointly, about sqrt(n) larger). As the reference: AdamW
-    (weight decay 0.01) at the first step t1, the early-stop check before each update, at most `max_iters`
-    updates. Unlike it, everything runs in float32 (a float32 copy of a half-precision UNet, see `float32_unet`) and
-    the BOS row is not a parameter at all, so neither its gradient nor the weight decay can move it.
-    Generate with the result and the same x_T (`sample_latents`, or a pipeline given `prompt_embeds` and
-    `latents=scorer.initial_latents(generations, seed)`), else the optimised embedding does not apply.
+    (the family's scored output; eps for SD) averaged over the n generations, i.e. on the same scale as
+    `Scorer.score(..., steps=1)` for any n (the reference code uses one norm over all n samples jointly, about
+    sqrt(n) larger). As the reference: AdamW (weight decay 0.01) at the first step t1, the early-stop check before
+    each update, at most `max_iters` updates. Unlike it, everything runs in float32 (a float32 copy of a
+    half-precision denoiser, see `float32_unet`) and a CLIP BOS row is not a parameter at all, so neither its
+    gradient nor the weight decay can move it. Generate with the result and the same x_T (`sample_latents`, or a
+    pipeline given `prompt_embeds` and `latents=scorer.initial_latents(generations, seed)`), else the optimised
+    embedding does not apply.
     """
     # 1. Check inputs
     check_mitigate_args(target, lr, max_iters)
     x_T = scorer.check_score_args(generations, 1, seed, None)
-    tokenized = tokenize_one_caption(scorer.tokenizer, caption, "explain or mitigate")
+    tokenized = tokenize_one_caption(scorer.caption_tokenizer, caption, "explain or mitigate")
+    family = scorer.family
     started = time.perf_counter()
 
     # 2. Encode prompt and the fixed unconditional side
     device = scorer.device
     with torch.no_grad():
-        initial = scorer.encode_tokens(tokenized).float()
-        empty = scorer.empty_embedding().float().expand(generations, -1, -1)
-    bos = initial[:, :1]
-    rest = initial[:, 1:].clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([rest], lr=lr, weight_decay=WEIGHT_DECAY)
+        initial = scorer.condition_tokens(tokenized).float()
+        empty = scorer.unconditional().float().expand(generations)
+    main_block = family.token_blocks()[0]
+    fixed_rows = main_block.skip if main_block.first_row == 0 else 0
+    bos = initial.embeds[:, :fixed_rows]
+    rest = initial.embeds[:, fixed_rows:].clone().requires_grad_(True)
+    pooled = None if initial.pooled is None else initial.pooled.clone().requires_grad_(True)
+    parameters = [rest] if pooled is None else [rest, pooled]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=WEIGHT_DECAY)
     sample = x_T.to(device, torch.float32)
+
+    def conditioning() -> Conditioning:
+        return Conditioning(torch.cat([bos, rest], dim=1), pooled, initial.mask)
 
     # 3. Optimise at the first step
     unet = float32_unet(scorer)
     with torch.enable_grad():
         with torch.no_grad():
-            uncond = unet(sample, scorer.timesteps[0], encoder_hidden_states=empty, return_dict=False)[0]
+            uncond = family.denoise(sample, scorer.timesteps[0], empty, module=unet)
         before = after = None
         iterations = 0
         while True:
-            loss = first_step_magnitudes(scorer, unet, torch.cat([bos, rest], dim=1), sample, uncond).mean()
+            loss = first_step_magnitudes(scorer, unet, conditioning(), sample, uncond).mean()
             after = float(loss.detach())
             if before is None:
                 before = after
@@ -157,30 +173,33 @@ def mitigate(
         magnitude_after=after,
         iterations=iterations,
         reached_target=after <= target,
+        pooled_prompt_embeds=None if pooled is None else pooled.detach().cpu(),
     )
 
 
 def sample_latents(
     scorer: Scorer,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor | Conditioning,
     x_T: torch.Tensor,
     steps: int = magnitude.NUM_INFERENCE_STEPS,
-    guidance_scale: float = magnitude.GUIDANCE_SCALE,
+    guidance_scale: float | None = None,
 ) -> torch.Tensor:
-    """DDIM-sample with CFG from x_T as StableDiffusionPipeline does: (n, C, H, W) float32 on CPU, before the VAE.
+    """Sample with CFG from x_T as the family's pipeline does, on its sampler (SD: DDIM-50 as
+    StableDiffusionPipeline): (n, C, H, W) float32 on CPU, before the VAE.
 
-    prompt_embeds: (1 or n, L, D), any dtype; x_T: (n, C, H, W). steps < 50 stops early on the 50-step schedule.
+    prompt_embeds: conditioning of 1 or n rows (SD: (1 or n, L, D) embeddings), any dtype; x_T: (n, C, H, W).
+    steps < 50 stops early on the 50-step schedule. guidance_scale None: the family's (7.5 for SD, the paper's).
     """
+    family = scorer.family
+    scale = family.guidance_scale if guidance_scale is None else guidance_scale
     n = x_T.shape[0]
     sample = x_T.to(scorer.device, scorer.dtype)
-    embeds = prompt_embeds.to(scorer.device, scorer.dtype).expand(n, -1, -1)
-    both_embeds = torch.cat([scorer.empty_embedding().expand(n, -1, -1), embeds])
+    cond = scorer.as_conditioning(prompt_embeds).to(scorer.dtype).expand(n)
+    both = Conditioning.cat(scorer.unconditional().expand(n), cond)
     with torch.no_grad():
-        for timestep in scorer.timesteps[:steps]:
-            output = scorer.unet(
-                torch.cat([sample, sample]), timestep, encoder_hidden_states=both_embeds, return_dict=False
-            )[0]
-            uncond, cond = output.chunk(2)
-            guided = magnitude.guided_output(uncond, cond, guidance_scale)
-            sample = scorer.scheduler.step(guided, timestep, sample, return_dict=False)[0]
+        for index, timestep in enumerate(scorer.timesteps[:steps]):
+            output = family.denoise(torch.cat([sample, sample]), timestep, both)
+            uncond, cond_output = output.chunk(2)
+            guided = magnitude.guided_output(uncond, cond_output, scale)
+            sample = family.step(guided, index, sample)
     return sample.float().cpu()

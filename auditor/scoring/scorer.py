@@ -2,9 +2,10 @@
 
 score(p) = mean_k || eps(x_T^k, t1, E(p)) - eps(x_T^k, t1, E("")) ||_2, the norm per sample over C*H*W in float32.
 x_T^k depends only on (seed, k), so eps(x_T^k, t1, E("")) is computed once per k and reused for every caption:
-one UNet row per caption and generation instead of two, and scores that do not depend on batch or order.
-The same argument makes the UNet's head before its first cross-attention caption-independent: it is also
-computed once per x_T (`shared_prefix`).
+one denoiser row per caption and generation instead of two, and scores that do not depend on batch or order.
+The same argument makes an SD UNet's head before its first cross-attention caption-independent: it is also
+computed once per x_T (`shared_prefix`). How a caption is encoded, what "unconditional" is, the first step and
+the scored output are the model family's (`auditor.scoring.families`); nothing here branches on the family.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import torch
 
 from auditor.errors import ConfigError
 from auditor.scoring import magnitude, shared_prefix
+from auditor.scoring.families import Conditioning, ModelFamily, build_family
 from auditor.scoring.loading import ModelComponents, fingerprint_model, load_components, resolve_model_dir
-from auditor.scoring.tokens import TokenizedCaptions, tokenize_captions
+from auditor.scoring.tokens import TokenizedCaptions
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# (x (B, C, H, W), t 0-d int tensor, prompt_embeds (B, L, D)) -> native UNet output (B, C, H, W)
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (x (B, C, H, W), t 0-d tensor, conditioning of B rows) -> native denoiser output (B, C_out, H, W)
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -62,21 +64,20 @@ class Scorer:
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
+        self.family: ModelFamily = build_family(components, device, dtype)
+        # The family's main tokenizer / text encoder and its denoiser (a UNet or a transformer).
         self.tokenizer = components.tokenizer
+        self.caption_tokenizer = self.family.tokenizer
         self.text_encoder = components.text_encoder
         self.unet = components.unet
-        self.scheduler = magnitude.build_ddim_scheduler(components.scheduler_config)
-        # Kept on CPU: reading a timestep as int must never wait on the GPU.
-        self.timesteps = self.scheduler.timesteps.cpu()
-        self.max_length = int(self.tokenizer.model_max_length)
-        sample_size = self.unet.config.sample_size
-        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-        self.latent_shape = (int(self.unet.config.in_channels), int(height), int(width))
-        self.use_attention_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
-        self.denoiser: Denoiser = self.eager_unet
-        self.text_forward: Callable[[torch.Tensor], torch.Tensor] = self.eager_text_encoder
+        self.scheduler = self.family.scheduler
+        self.timesteps = self.family.timesteps
+        self.max_length = int(self.caption_tokenizer.widths[self.caption_tokenizer.main])
+        self.latent_shape = self.family.latent_shape
+        self.denoiser: Denoiser = self.family.denoise
         # What this scorer runs with, for logs and _audit.json.
         self.runtime: dict[str, Any] = {
+            "family": self.family.name,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "batch_size": batch_size,
@@ -84,12 +85,16 @@ class Scorer:
             "channels_last": False,
             "torch": torch.__version__,
         }
-        self.prefix_cache, why_no_prefix = shared_prefix.attach(self.unet)
+        why_no_prefix = self.family.why_no_shared_prefix()
+        if why_no_prefix is None:
+            self.prefix_cache, why_no_prefix = shared_prefix.attach(self.unet)
+        else:
+            self.prefix_cache = None
         self.runtime["shared_prefix"] = self.prefix_cache is not None or f"off: {why_no_prefix}"
         self._prefix_checked = False
         self._latents_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._uncond_cache: dict[bytes, torch.Tensor] = {}
-        self._empty_embedding: torch.Tensor | None = None
+        self._unconditional: Conditioning | None = None
         self._fingerprint: str | None = None
 
     # 1. Construction -------------------------------------------------------------------------------------------
@@ -104,7 +109,8 @@ class Scorer:
         storage_options: dict[str, Any] | None = None,
         cuda_graphs: bool | None = None,
     ) -> Scorer:
-        """Load a diffusers Stable Diffusion folder: local path, hub id, or fsspec URI (s3://bucket/model).
+        """Load a diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, PixArt; the family from model_index.json): local
+        path, hub id, or fsspec URI (s3://bucket/model).
 
         device None picks CUDA when present; dtype None picks fp16 on CUDA and fp32 on CPU.
         cuda_graphs None captures CUDA graphs for `batch_size` when on CUDA; True off CUDA is an error.
@@ -133,30 +139,32 @@ class Scorer:
         return scorer
 
     def optimize_for_cuda(self, cuda_graphs: bool = True, channels_last: bool = True) -> None:
-        """channels_last UNet and, optionally, CUDA graphs for the text encoder and first-step UNet at batch_size."""
-        from auditor.scoring.cuda_graph import CudaGraphRunner, GraphedFirstStepUNet
+        """channels_last UNet and, optionally, CUDA graphs for the text encoder and first-step denoiser at batch_size."""
+        from auditor.scoring.cuda_graph import CudaGraphRunner, GraphedFirstStep
 
-        if channels_last:
+        if channels_last and self.family.why_no_shared_prefix() is None:
             self.unet.to(memory_format=torch.channels_last)
             self.runtime["channels_last"] = True
         if not cuda_graphs:
             return
         batch = self.batch_size
-        example_embeds = self.empty_embedding().expand(batch, -1, -1).contiguous()
+        example_cond = self.unconditional().expand(batch)
+        example_cond = example_cond.with_tensors([t.contiguous() for t in example_cond.tensors()])
         example_sample = torch.randn(batch, *self.latent_shape, device=self.device, dtype=self.dtype)
         # A model whose forward syncs with the host cannot be captured; it then runs eagerly, and says so.
         try:
-            self.denoiser = GraphedFirstStepUNet(
-                self.unet, self.first_timestep, example_sample, example_embeds
+            self.denoiser = GraphedFirstStep(
+                self.family.denoise, self.timesteps[0], example_sample, example_cond
             )
             self.runtime["cuda_graphs"] = True
         except RuntimeError as exc:
-            logger.warning("UNet CUDA-graph capture failed, running eagerly: %s", exc)
-        if self.use_attention_mask:
+            logger.warning("denoiser CUDA-graph capture failed, running eagerly: %s", exc)
+        text_forward = getattr(self.family, "text_forward", None)
+        if text_forward is None or getattr(self.family, "use_attention_mask", True):
             return
         example_ids = torch.zeros(batch, self.max_length, dtype=torch.int64, device=self.device)
         try:
-            self.text_forward = CudaGraphRunner(self.eager_text_encoder, [example_ids])
+            self.family.text_forward = CudaGraphRunner(self.family.eager_text_encoder, [example_ids])
             self.runtime["text_encoder_cuda_graph"] = True
         except RuntimeError as exc:
             logger.warning("text-encoder CUDA-graph capture failed, running eagerly: %s", exc)
@@ -164,6 +172,10 @@ class Scorer:
     @property
     def first_timestep(self) -> int:
         return int(self.timesteps[0])
+
+    @property
+    def family_name(self) -> str:
+        return self.family.name
 
     @property
     def fingerprint(self) -> str:
@@ -174,22 +186,25 @@ class Scorer:
 
     # 2. Text ----------------------------------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> TokenizedCaptions:
-        return tokenize_captions(self.tokenizer, captions)
+        """Every tokenizer of the family, ids packed side by side (`PackedTokenizer`); SD has one."""
+        return self.caption_tokenizer.tokenize(captions)
+
+    def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Conditioning:
+        """(B, L_total) packed ids -> the batch's conditioning in the model dtype, as encode_prompt builds it."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.family.encode(self.to_device(input_ids), self.to_device(attention_mask))
+
+    def condition_tokens(self, tokens: TokenizedCaptions) -> Conditioning:
+        return self.condition(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids -> (B, L, D) text-encoder output in the model dtype, as encode_prompt builds it."""
-        input_ids = self.to_device(input_ids)
-        if self.use_attention_mask and attention_mask is not None:
-            hidden = self.text_encoder(input_ids, attention_mask=self.to_device(attention_mask))[0]
-            return hidden.to(dtype=self.dtype)
-        return self.text_forward(input_ids)
+        """(B, L) ids -> (B, L, D) token embeddings in the model dtype (`condition(...).embeds`)."""
+        return self.condition(input_ids, attention_mask).embeds
 
     def encode_tokens(self, tokens: TokenizedCaptions) -> torch.Tensor:
-        """`tokenize` output -> (B, L, D) text-encoder output in the model dtype."""
-        return self.encode(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
-
-    def eager_text_encoder(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0].to(dtype=self.dtype)
+        """`tokenize` output -> (B, L, D) token embeddings in the model dtype."""
+        return self.condition_tokens(tokens).embeds
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Host -> device; through pinned memory on CUDA so the copy overlaps with queued GPU work."""
@@ -197,12 +212,28 @@ class Scorer:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def empty_embedding(self) -> torch.Tensor:
-        """E("") padded to L: (1, L, D), the unconditional embedding of the pipeline's CFG batch."""
-        if self._empty_embedding is None:
+    def unconditional(self) -> Conditioning:
+        """The family's unconditional conditioning, one row (SD: E("") padded to L)."""
+        if self._unconditional is None:
             with torch.no_grad():
-                self._empty_embedding = self.encode_tokens(self.tokenize([""]))
-        return self._empty_embedding
+                self._unconditional = self.family.unconditional()
+        return self._unconditional
+
+    def empty_embedding(self) -> torch.Tensor:
+        """(1, L, D): the unconditional token embeddings of the pipeline's CFG batch (SD: E(""))."""
+        return self.unconditional().embeds
+
+    def as_conditioning(self, prompt_embeds: torch.Tensor | Conditioning) -> Conditioning:
+        """Conditioning as is; a bare (B, L, D) tensor for a family whose conditioning is only token embeddings."""
+        if isinstance(prompt_embeds, Conditioning):
+            return prompt_embeds
+        uncond = self.unconditional()
+        if uncond.pooled is not None or uncond.mask is not None:
+            raise ConfigError(
+                f"a {self.family.name} model is conditioned on more than token embeddings; pass a Conditioning "
+                "(Scorer.condition) instead of a tensor."
+            )
+        return Conditioning(prompt_embeds)
 
     # 3. Noise ---------------------------------------------------------------------------------------------------
     def initial_latents(self, generations: int, seed: int) -> torch.Tensor:
@@ -210,14 +241,15 @@ class Scorer:
         key = (seed, generations)
         if key not in self._latents_cache:
             self._latents_cache[key] = magnitude.initial_latents(
-                seed, generations, self.latent_shape, float(self.scheduler.init_noise_sigma)
+                seed, generations, self.latent_shape, self.family.init_noise_sigma
             )
         return self._latents_cache[key]
 
     def eager_unet(
-        self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor | Conditioning
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        """The denoiser's native output, eagerly (no CUDA graph)."""
+        return self.family.denoise(sample, timestep, self.as_conditioning(prompt_embeds))
 
     def _uncond_first_output(self, latent: torch.Tensor) -> tuple[torch.Tensor, bytes]:
         """UNet output for E("") at t1 on one x_T (1, C, H, W), and its key: computed once per x_T, then reused.
@@ -231,7 +263,7 @@ class Scorer:
             sample = latent.to(self.device, self.dtype)
             recording = self.prefix_cache.recording(key) if self.prefix_cache else nullcontext()
             with torch.no_grad(), recording:
-                self._uncond_cache[key] = self.eager_unet(sample, self.timesteps[0], self.empty_embedding())
+                self._uncond_cache[key] = self.eager_unet(sample, self.timesteps[0], self.unconditional())
             self._check_prefix(sample, key)
         return self._uncond_cache[key], key
 
@@ -244,7 +276,7 @@ class Scorer:
             self._disable_prefix("the first self-attention was not called through its processor")
             return
         # Scaled, not permuted: cross-attention is invariant to permuting the tokens.
-        probe = self.empty_embedding() * 2.0
+        probe = self.unconditional().scaled(2.0)
         with torch.no_grad():
             full = self.eager_unet(sample, self.timesteps[0], probe).float()
             with self.prefix_cache.replaying(key):
@@ -270,7 +302,8 @@ class Scorer:
         """Memorization score per caption: (B,) float32. Higher means more likely memorized.
 
         latents, when given, is (n, C, H, W) and is x_T for every caption (n = generations).
-        steps > 1 also averages over the first `steps` steps of a CFG (7.5) DDIM trajectory from x_T.
+        steps > 1 also averages over the first `steps` steps of a CFG trajectory from x_T with the family's sampler
+        (DDIM-50, guidance 7.5 for SD; the flow-matching Euler sampler for SD3).
         """
         return self.score_tokenized(self.tokenize(captions), generations, steps, seed, latents)
 
@@ -296,7 +329,7 @@ class Scorer:
         with torch.no_grad():
             for start in range(0, len(unique_ids), self.batch_size):
                 stop = start + self.batch_size
-                prompt_embeds = self.encode(
+                prompt_embeds = self.condition(
                     torch.from_numpy(unique_ids[start:stop]), torch.from_numpy(unique_masks[start:stop])
                 )
                 # Stays on the device: one host sync at the end, not one per batch.
@@ -323,13 +356,19 @@ class Scorer:
             )
         return latents.detach().float().cpu()
 
-    def magnitudes(self, prompt_embeds: torch.Tensor, x_T: torch.Tensor, steps: int = 1) -> torch.Tensor:
-        """(B, L, D) prompt embeddings and (n, C, H, W) x_T -> (B,) float32 scores on the device.
+    def magnitudes(
+        self, prompt_embeds: torch.Tensor | Conditioning, x_T: torch.Tensor, steps: int = 1
+    ) -> torch.Tensor:
+        """Conditioning of B captions (or SD's (B, L, D) embeddings) and (n, C, H, W) x_T -> (B,) float32 scores
+        on the device.
 
-        Step 0 reuses the cached uncond output (one UNet row per caption); later steps of a multi-step score
-        run [uncond; cond] on the per-caption trajectory, as the pipeline's CFG loop does.
+        Step 0 reuses the cached uncond output (one denoiser row per caption); later steps of a multi-step score
+        run [uncond; cond] on the per-caption trajectory, as the pipeline's CFG loop does, with the family's
+        sampler and guidance scale.
         """
-        batch = prompt_embeds.shape[0]
+        prompt_embeds = self.as_conditioning(prompt_embeds)
+        family = self.family
+        batch = len(prompt_embeds)
         total = torch.zeros(batch, dtype=torch.float32, device=self.device)
         x_T_device = x_T.to(self.device, self.dtype)
         for k in range(x_T.shape[0]):
@@ -342,15 +381,15 @@ class Scorer:
                         cond = self.denoiser(sample, timestep, prompt_embeds)
                     uncond = uncond.expand_as(cond)
                 else:
-                    empty = self.empty_embedding().expand(batch, -1, -1)
+                    empty = self.unconditional().expand(batch)
                     both = self.denoiser(
-                        torch.cat([sample, sample]), timestep, torch.cat([empty, prompt_embeds])
+                        torch.cat([sample, sample]), timestep, Conditioning.cat(empty, prompt_embeds)
                     )
                     uncond, cond = both.chunk(2)
-                eps_cond = magnitude.to_epsilon(cond, sample, int(timestep), self.scheduler)
-                eps_uncond = magnitude.to_epsilon(uncond, sample, int(timestep), self.scheduler)
-                total += magnitude.per_sample_l2(eps_cond.float() - eps_uncond.float())
+                scored_cond = family.scored_output(cond, sample, timestep)
+                scored_uncond = family.scored_output(uncond, sample, timestep)
+                total += magnitude.per_sample_l2(scored_cond.float() - scored_uncond.float())
                 if index + 1 < steps:
-                    guided = magnitude.guided_output(uncond, cond)
-                    sample = self.scheduler.step(guided, timestep, sample, return_dict=False)[0]
+                    guided = magnitude.guided_output(uncond, cond, family.guidance_scale)
+                    sample = family.step(guided, index, sample)
         return total / (x_T.shape[0] * steps)

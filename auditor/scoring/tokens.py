@@ -1,12 +1,17 @@
-"""Captions -> token ids, exactly as StableDiffusionPipeline.encode_prompt tokenizes them. numpy + tokenizer only.
+"""Captions -> token ids, exactly as each pipeline's encode_prompt tokenizes them. numpy + tokenizers only.
 
-One implementation shared by `Scorer.tokenize` and the pipeline's CPU stage, so both give the same ids.
+One implementation shared by `Scorer.tokenize` and the pipeline's CPU stage, so both give the same ids. A family
+with several tokenizers (SDXL: two CLIPs; SD3: two CLIPs and T5) packs their padded ids side by side into one
+(B, L_total) matrix (`PackedTokenizer`): dedup, caching and the pipeline's fixed-size id column stay family-blind. Never
+imports torch (`load_tokenizer` does not go through `transformers.AutoTokenizer`, which does).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +36,26 @@ class TokenizedCaptions:
         return len(self.input_ids)
 
 
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a model's `tokenizer/` folder, the class AutoTokenizer would pick, without torch.
+
+    `transformers.AutoTokenizer` imports torch (through its configuration classes), about 1 GiB of a CPU worker
+    that only tokenizes; the class named by `tokenizer_config.json` (its fast variant first, as AutoTokenizer
+    prefers it) loads without. A folder that names no class, or one transformers lacks, falls back to AutoTokenizer.
+    """
+    import transformers
+
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    name = config.get("tokenizer_class")
+    if isinstance(name, str) and name:
+        for candidate in (name if name.endswith("Fast") else f"{name}Fast", name):
+            cls = getattr(transformers, candidate, None)
+            if cls is not None:
+                return cls.from_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
 def validate_captions(captions: Sequence[Any]) -> list[str]:
     if isinstance(captions, str):
         raise InputDataError("captions must be a list of strings, got one string; wrap it: [caption].")
@@ -45,10 +70,16 @@ def validate_captions(captions: Sequence[Any]) -> list[str]:
 
 
 def tokenize_one_caption(tokenizer: Any, caption: Any, purpose: str) -> TokenizedCaptions:
-    """One caption that must keep at least one token (explain, mitigate); the error says what it was for."""
+    """One caption that must keep at least one token (explain, mitigate); the error says what it was for.
+
+    tokenizer: a `PackedTokenizer` or one transformers tokenizer.
+    """
     if not isinstance(caption, str):
         raise InputDataError(f"caption must be a str, got {type(caption).__name__} ({caption!r:.60}).")
-    tokens = tokenize_captions(tokenizer, [caption])
+    if isinstance(tokenizer, PackedTokenizer):
+        tokens = tokenizer.tokenize([caption])
+    else:
+        tokens = tokenize_captions(tokenizer, [caption])
     if int(tokens.n_tokens[0]) == 0:
         raise InputDataError(
             f"caption {caption!r} has no tokens once BOS/EOS are removed: nothing to {purpose}. "
@@ -57,10 +88,14 @@ def tokenize_one_caption(tokenizer: Any, caption: Any, purpose: str) -> Tokenize
     return tokens
 
 
-def tokenize_captions(tokenizer: Any, captions: Sequence[str]) -> TokenizedCaptions:
-    """Pad to `tokenizer.model_max_length` and truncate; count tokens before the cut for `n_tokens`/`truncated`."""
+def tokenize_captions(
+    tokenizer: Any, captions: Sequence[str], max_length: int | None = None
+) -> TokenizedCaptions:
+    """Pad to `max_length` (default `tokenizer.model_max_length`) and truncate, as encode_prompt does; count tokens
+    before the cut for `n_tokens`/`truncated`.
+    """
     captions = validate_captions(captions)
-    max_length = int(tokenizer.model_max_length)
+    max_length = int(tokenizer.model_max_length if max_length is None else max_length)
     if not captions:
         empty = np.zeros((0, max_length), dtype=np.int64)
         return TokenizedCaptions(empty, empty.copy(), np.zeros(0, np.int32), np.zeros(0, bool))
@@ -79,3 +114,84 @@ def tokenize_captions(tokenizer: Any, captions: Sequence[str]) -> TokenizedCapti
         n_tokens=np.maximum(full_lengths - n_special_tokens, 0),
         truncated=full_lengths > max_length,
     )
+
+
+class PackedTokenizer:
+    """A family's tokenizers, each padded to its own length, their ids packed side by side: (B, sum of lengths).
+
+    parts: (folder, tokenizer, max_length) in packing order; main: the part whose counts give n_tokens/truncated.
+    With one part, `tokenize` is exactly `tokenize_captions(tokenizer, captions, max_length)`.
+    """
+
+    def __init__(self, parts: Sequence[tuple[str, Any, int]], main: int = 0):
+        if not parts:
+            raise ValueError("a PackedTokenizer needs at least one tokenizer")
+        self.parts = [(name, tokenizer, int(length)) for name, tokenizer, length in parts]
+        self.main = main
+        self.widths = [length for _, _, length in self.parts]
+        self.max_length = sum(self.widths)
+
+    @property
+    def main_tokenizer(self) -> Any:
+        return self.parts[self.main][1]
+
+    def tokenize(self, captions: Sequence[str]) -> TokenizedCaptions:
+        captions = validate_captions(captions)
+        pieces = [tokenize_captions(tokenizer, captions, length) for _, tokenizer, length in self.parts]
+        if len(pieces) == 1:
+            return pieces[0]
+        main = pieces[self.main]
+        return TokenizedCaptions(
+            input_ids=np.concatenate([p.input_ids for p in pieces], axis=1),
+            attention_mask=np.concatenate([p.attention_mask for p in pieces], axis=1),
+            n_tokens=main.n_tokens,
+            truncated=main.truncated,
+        )
+
+    def split(self, matrix: Any) -> list[Any]:
+        """(B, max_length) packed ids or masks (numpy or torch) -> one (B, L_i) block per part, in order."""
+        blocks, start = [], 0
+        for width in self.widths:
+            blocks.append(matrix[:, start : start + width])
+            start += width
+        return blocks
+
+    def offset(self, name: str) -> int:
+        """Column where part `name` starts in the packed matrix."""
+        start = 0
+        for folder, _, width in self.parts:
+            if folder == name:
+                return start
+            start += width
+        raise KeyError(name)
+
+
+def load_packed_tokenizer(root: Any, layout: Any) -> PackedTokenizer:
+    """The family's tokenizers from the model folder `root` (a `FamilyLayout`'s slots), without any weights.
+
+    A slot whose folder is recorded as null (SD3 without T5) is left out: its encoder is absent too.
+    """
+    import transformers
+
+    from auditor.scoring.layout import present_components
+
+    transformers.utils.logging.disable_progress_bar()
+    present = set(present_components(root, layout))
+    loaded = {
+        slot.folder: load_tokenizer(root / slot.folder)
+        for slot in layout.tokenizers
+        if slot.folder in present
+    }
+    parts = []
+    for slot in layout.tokenizers:
+        if slot.folder not in loaded:
+            continue
+        tokenizer = loaded[slot.folder]
+        if slot.max_length is not None:
+            length = slot.max_length
+        elif slot.length_from is not None:
+            length = int(loaded[slot.length_from].model_max_length)
+        else:
+            length = int(tokenizer.model_max_length)
+        parts.append((slot.folder, tokenizer, length))
+    return PackedTokenizer(parts, main=layout.main_tokenizer)

@@ -153,6 +153,7 @@ def run_local_audit(
         "auditor_version": __version__,
         "config": {"inputs": [str(p) for p in files], "output": str(output), "model": str(model_dir)},
         "model_fingerprint": scorer.fingerprint,
+        "model_family": scorer.family_name,
         "threshold": threshold,
         "threshold_origin": {"kind": "file", "path": str(threshold_file), "content": record},
         "files": {"inputs": len(files), "audited_this_run": len(files), "failed": []},
@@ -182,7 +183,9 @@ def resolve_model(model_dir: str | None, preset: str, seed: int) -> tuple[Path, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m auditor.toy.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m auditor.toy.demo", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument(
         "--model-dir",
         default=None,

@@ -98,7 +98,7 @@ def rebuild_shipped(target: Path = SHIPPED_DIR) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m auditor.toy.shipped", description=__doc__.splitlines()[0]
+        prog="python -m auditor.toy.shipped", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     parser.add_argument("--rebuild", action="store_true", help="retrain and replace the shipped model folder")
     args = parser.parse_args(argv)

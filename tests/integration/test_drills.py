@@ -563,6 +563,7 @@ def test_f_sigterm_stops_with_exit_3_then_the_rerun_completes(drills, tmp_path, 
     message = last_run(log)
     assert code == 3, message
     assert "stopped by SIGTERM" in message and "rerun the same command" in message
+    assert not Path(output, "_lease.json").exists()  # released on SIGTERM
     # Nothing partial is visible, and every committed unit is recorded.
     committed = check_visible(view, corpus)
     audit = view.audit()
@@ -656,6 +657,135 @@ def test_g_corrupt_file_fails_alone_and_a_changed_model_redoes_every_unit(drills
         "g", outcome="corrupt unit failed alone (exit 1) twice; changed model: every unit redone",
         exit_codes="1, then 1", lost=0, duplicated=0, rescored=rescored(counts), rows=good_rows.total_rows,
     )  # fmt: skip
+
+
+# Drill (h): the TTL the stale-lease runs get (--lease-heartbeat-s 1); well above a driver's start-up on busy cores.
+LEASE_TTL_S = 60
+
+
+def lease_on_output(view: OutputView) -> dict[str, Any] | None:
+    """OUTPUT/_lease.json as a reader sees it now, or None."""
+    view.fs.invalidate_cache()
+    try:
+        return json.loads(view.fs.cat_file(f"{view.path}/_lease.json"))
+    except FileNotFoundError:
+        return None
+
+
+def write_foreign_lease(view: OutputView, heartbeat_unix: float) -> dict[str, Any]:
+    """A lease as a run on another host would have written it (its pid means nothing here)."""
+    from auditor.io.lease import LeaseRecord, utc_iso
+
+    record = LeaseRecord(
+        run_id="drill-other-run", host="drill-other-host", pid=1, process_start=heartbeat_unix - 60,
+        pid_namespace=None, started_at=utc_iso(heartbeat_unix - 60), heartbeat_at=utc_iso(heartbeat_unix),
+        heartbeat_unix=heartbeat_unix,
+    )  # fmt: skip
+    view.fs.pipe_file(f"{view.path}/_lease.json", record.to_bytes())
+    return json.loads(record.to_bytes())
+
+
+def lease_drill(
+    drills: Drills, corpus: Corpus, view: OutputView, args: list[str], log: Path
+) -> dict[str, Any]:
+    """(h) The steps of the lease drill on one OUTPUT (local or S3); returns what it measured."""
+    import socket
+
+    # 1. A second run of the same command while the first holds the lease: refused in seconds, before Ray.
+    first = drills.start(args, log)
+    wait_until(lambda: (lease_on_output(view) or {}).get("pid") == first.pid, first, log, "the lease")
+    started = time.monotonic()
+    second_log = log.with_name(f"second-{log.name}")  # the first run goes on writing to its own log
+    second = drills.run(args, second_log)
+    refused_s = time.monotonic() - started
+    message = last_run(second_log)
+    assert first.poll() is None, "the first run ended before the second was refused: use a larger corpus"
+    assert second == 2, message
+    (line,) = [line for line in message.splitlines() if "is in use by another audit" in line]
+    assert line.startswith(f"auditor audit: error: OUTPUT {view.output} is in use by another audit: run ")
+    assert f" on host {socket.gethostname()}, pid {first.pid}, started " in line and "last heartbeat" in line
+    assert "--break-lease" in line
+    assert "Connected to Ray cluster" not in message and refused_s < 60
+    # 2. The first is not disturbed: exit 0, every row exactly once, and its lease deleted at the end.
+    assert finish(first, log) == 0, tail(log)
+    check_complete(view, corpus, rows_this_run=corpus.total_rows)
+    assert lease_on_output(view) is None
+    # 3. The holder SIGKILLed mid-run: a rerun on this host takes its lease over at once (its process is gone).
+    forced = drills.start([*args, "--force"], log)  # --force forgets every record first, then commits anew
+    wait_until(
+        lambda: (lease_on_output(view) or {}).get("pid") == forced.pid
+        and 0 < len(view.done_units()) < corpus.total_units,
+        forced, log, "a commit of the forced run",
+    )  # fmt: skip
+    os.killpg(forced.pid, signal.SIGKILL)
+    forced.wait()
+    assert lease_on_output(view)["pid"] == forced.pid  # a SIGKILLed run cannot release its lease
+    check_visible(view, corpus)
+    rows_before = done_rows(view)
+    started = time.monotonic()
+    assert drills.run(args, log) == 0, tail(log)
+    rerun_s = time.monotonic() - started
+    message = last_run(log)
+    assert (
+        "took over the lease of run " in message
+        and f"its process {forced.pid} on this host is gone" in message
+    )
+    lost, duplicated = check_complete(view, corpus, rows_this_run=corpus.total_rows - rows_before)
+    assert lease_on_output(view) is None
+    # 4. A lease of a run on another host: refused while its heartbeat is fresh, taken over after the TTL.
+    ttl_args = [*args, "--lease-ttl-s", str(LEASE_TTL_S), "--lease-heartbeat-s", "1"]
+    foreign = write_foreign_lease(view, time.time())
+    assert drills.run(ttl_args, log) == 2, tail(log)
+    message = last_run(log)
+    assert (
+        "is in use by another audit: run drill-other-run on host drill-other-host, pid 1, started " in message
+    )
+    # The holder stopped renewing: what its lease looks like a TTL later (as if the drill had waited that long).
+    write_foreign_lease(view, foreign["heartbeat_unix"] - LEASE_TTL_S - 1)
+    assert drills.run(ttl_args, log) == 0, tail(log)
+    message = last_run(log)
+    assert "took over the lease of run drill-other-run on host drill-other-host" in message
+    assert f"(--lease-ttl-s {LEASE_TTL_S})" in message
+    check_complete(view, corpus, rows_this_run=0)
+    assert lease_on_output(view) is None
+    return {"refused_s": round(refused_s, 1), "rerun_after_kill_s": round(rerun_s, 1), "lost": lost,
+            "duplicated": duplicated, "rows": corpus.total_rows}  # fmt: skip
+
+
+def record_lease_drill(drill: str, where: str, numbers: dict[str, Any], counts: Counter) -> None:
+    record(
+        drill, outcome=f"{where}: second run refused in {numbers['refused_s']} s (exit 2), the first finished; "
+        "after SIGKILL the rerun took over at once; another host's stale lease taken after the TTL",
+        exit_codes="0 beside 2; SIGKILL, then 0; 2, then 0", rescored=rescored(counts), **numbers,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_h_lease_one_audit_at_a_time_per_output(drills, tmp_path, tiny_model_dir):
+    """(h) Two audits on one OUTPUT (issue 18): an overlapping second run is refused fast (exit 2, naming the
+    holder); the first finishes with exit 0 and every row exactly once; after SIGKILL of the holder a rerun on the
+    same host takes over at once; a lease with a stale heartbeat from another host is taken over after the TTL."""
+    corpus = write_corpus(tmp_path / "in", files=3, units=4)
+    output = str(tmp_path / "out")
+    view = OutputView(output)
+    log = tmp_path / "audit.log"
+    numbers = lease_drill(drills, corpus, view, audit_args(corpus, output, tiny_model_dir), log)
+    record_lease_drill("h", "local disk", numbers, drills.scored(corpus))
+
+
+@pytest.mark.slow
+def test_h_lease_on_s3(drills, s3_endpoint, tmp_path, tiny_model_dir):
+    """(h) on the moto S3 server: the lease is taken with PutObject IfNoneMatch="*" and renewed with IfMatch."""
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True).mkdir("drills-lease")
+    corpus = write_corpus(tmp_path / "in", files=3, units=4)
+    output = "s3://drills-lease/out"
+    view = OutputView(output, {"endpoint_url": s3_endpoint})
+    log = tmp_path / "audit.log"
+    args = audit_args(corpus, output, tiny_model_dir, "--storage-option", f"endpoint_url={s3_endpoint}")
+    numbers = lease_drill(drills, corpus, view, args, log)
+    record_lease_drill("h-s3", "moto S3", numbers, drills.scored(corpus))
 
 
 STALL_TIMEOUT_S = 60

@@ -84,6 +84,8 @@ def test_kill_9_inside_a_file_then_rerun_scores_only_the_rest(ray_local, tmp_pat
     rows = scores.to_pylist()
     assert all(r["id"] == f"{r['source']}:{r['row']}" for r in rows)
     assert not list((tmp_path / "out" / "_staging").rglob("*.parquet"))
+    # The killed run's lease was taken over at once (same host, its process gone) and released at the end.
+    assert not (tmp_path / "out" / "_lease.json").exists()
 
 
 def test_files_changed_in_place_are_audited_again_whole(ray_local, tmp_path, tiny_model_dir, tiny_scorer):

@@ -25,3 +25,30 @@ def test_gpu_bench_smoke_run_writes_json_and_table(tmp_path, monkeypatch, capsys
     table = capsys.readouterr().out.splitlines()
     assert "(no graph captured: (c) ran eagerly)" in table[-1]
     sys.modules.pop("gpu_bench", None)
+
+
+def test_gpu_families_smoke_run_writes_json_and_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    gpu_families = importlib.import_module("gpu_families")
+    args = [
+        "--smoke",
+        "--out",
+        str(tmp_path),
+        "--batch-sizes",
+        "2",
+        "--seconds",
+        "0.05",
+        "--spearman-captions",
+        "4",
+    ]
+    assert gpu_families.main(args) == 0
+    result = json.loads((tmp_path / "gpu_families.json").read_text())
+    assert "smoke run, not a measurement" in result["device"]
+    assert [row["family"] for row in result["rows"]] == ["sdxl", "sd3"]
+    for row in result["rows"]:
+        assert row["paper_loop"] > 0 and row["batched_2"] > 0 and row["tflop_per_caption"] > 0
+        # fp32 against fp32 on CPU: the same scores.
+        assert row["spearman_fp16_fp32"] > 0.999
+    assert capsys.readouterr().out.splitlines()[-1].startswith("sd3 ")
+    sys.modules.pop("gpu_families", None)
+    sys.modules.pop("gpu_bench", None)

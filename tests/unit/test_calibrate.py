@@ -50,8 +50,25 @@ def test_read_caption_file_rejects_missing_and_unknown(tmp_path):
         read_caption_file(str(tmp_path / "nope.txt"))
     odd = tmp_path / "captions.xlsx"
     odd.write_text("x")
-    with pytest.raises(InputDataError, match="expected one of .txt, .parquet"):
+    with pytest.raises(
+        InputDataError, match=r"xlsx has an unknown extension; expected one of \.parquet.*\.gz"
+    ):
         read_caption_file(str(odd))
+
+
+def test_read_caption_file_reads_every_audit_format_compressed_too(tmp_path):
+    import bz2
+    import gzip
+
+    (tmp_path / "r.csv.gz").write_bytes(
+        gzip.compress(("caption,n\n" + "".join(f'"{c}",1\n' for c in CAPTIONS)).encode())
+    )
+    (tmp_path / "r.txt.bz2").write_bytes(bz2.compress(("\n".join(CAPTIONS) + "\n\n").encode()))
+    (tmp_path / "r.tsv").write_text("caption\n" + "".join(f"{c}\n" for c in CAPTIONS))
+    for name in ("r.csv.gz", "r.txt.bz2", "r.tsv"):
+        assert read_caption_file(str(tmp_path / name)) == CAPTIONS, name
+    with pytest.raises(InputDataError, match=r"'text' not found in .*r\.csv\.gz; columns are: caption, n"):
+        read_caption_file(str(tmp_path / "r.csv.gz"), "text")
 
 
 def test_calibrate_threshold_record(tiny_scorer):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +55,51 @@ def test_score_table_and_errors(tiny_model_dir, tmp_path, capsys):
     assert "neither a local folder" in capsys.readouterr().err
     assert main(["score", "--model", str(tiny_model_dir), "--file", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt does not exist" in capsys.readouterr().err
+
+
+def _parsers_under(parser):
+    """The parser and every subcommand parser below it, recursively."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers_under(child)
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    """A cron line with `--unit-row` would work until a new flag made the prefix ambiguous: refuse it now."""
+    from auditor.config import AuditConfig, FilterConfig
+
+    parsers = [*_parsers_under(build_parser()), AuditConfig.parser(), FilterConfig.parser()]
+    assert [p.prog for p in parsers if p.allow_abbrev] == []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "in/", "out/", "--model", "m", "--unit-row", "8"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --unit-row" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        AuditConfig.from_argv(["in/", "out/", "--model", "m", "--unit-row", "8"])  # what jobs/audit.py parses
+    assert "unrecognized arguments: --unit-row" in capsys.readouterr().err
+    assert AuditConfig.from_argv(["in/", "out/", "--model", "m", "--unit-rows", "8"]).unit_rows == 8
+
+
+def test_every_argument_parser_in_the_repository_refuses_abbreviations():
+    """bench/, examples/ and the module entry points build their own parsers: each passes allow_abbrev=False."""
+    root = Path(__file__).resolve().parents[2]
+    missing = []
+    for folder in ("auditor", "bench", "examples", "jobs"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = (
+                    node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                )
+                if name not in ("ArgumentParser", "add_parser"):
+                    continue
+                refuses = any(
+                    k.arg == "allow_abbrev" and isinstance(k.value, ast.Constant) and k.value.value is False
+                    for k in node.keywords
+                )
+                if not refuses:
+                    missing.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert missing == []

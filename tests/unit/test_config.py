@@ -60,18 +60,46 @@ def test_to_json_round_trips():
         ({"gpus_per_actor": -1}, "--gpus-per-actor"),
         ({"dtype": "fp8"}, "--dtype 'fp8'"),
         ({"format": "xml"}, "--format 'xml' is not one of"),
+        ({"format": "parquet.gz"}, r"--format 'parquet.gz' is not one of .* followed by \.gz"),
+        ({"compression": "lz4"}, "--compression 'lz4' is not one of gzip, bz2, zstd, xz, none"),
+        ({"format": "parquet", "compression": "gzip"}, "--compression gzip does not apply to parquet"),
         ({"keep_columns": ("score",)}, "clash with output columns"),
         ({"keep_columns": ("a", "a")}, "twice"),
+        (
+            {"keep_columns": ("url", "_node")},
+            "--keep-columns _node are names of the audit's internal columns",
+        ),
         ({"num_cpus": 1}, "--num-cpus must be >= 2"),
         ({"inputs": ()}, "INPUT must name"),
         ({"caption_column": ""}, "--caption-column is empty"),
         ({"storage_options": {"key": "AKIA"}}, "credential"),
         ({"storage_options": {"aws_secret_access_key": "x"}}, "from the environment"),
+        ({"lease_heartbeat_s": 0}, r"--lease-heartbeat-s must be a number of seconds > 0, got 0"),
+        ({"lease_ttl_s": float("inf")}, r"--lease-ttl-s must be a number of seconds > 0, got inf"),
+        ({"lease_ttl_s": True}, r"--lease-ttl-s must be a number of seconds > 0, got True"),
+        (
+            {"lease_ttl_s": 20, "lease_heartbeat_s": 15},
+            r"--lease-ttl-s 20 must be at least twice --lease-heartbeat-s 15",
+        ),
     ],
 )
 def test_invalid_configs_cannot_exist(changes, match):
     with pytest.raises(ConfigError, match=match):
         AuditConfig(**{"inputs": ("in",), "output": "out", "model": "m", **changes})
+
+
+def test_format_with_a_codec_splits_and_compression_overrides():
+    cfg = AuditConfig.from_argv([*BASE, "--format", "jsonl.gz"])
+    assert (cfg.format, cfg.compression) == ("jsonl", "gzip")
+    cfg = AuditConfig.from_argv([*BASE, "--format", "csv.zst", "--compression", "bz2"])
+    assert (cfg.format, cfg.compression) == ("csv", "bz2")
+    cfg = AuditConfig.from_argv([*BASE, "--compression", "none"])
+    assert (cfg.format, cfg.compression) == (None, "none")
+    assert dataclasses.replace(cfg, actors=2).compression == "none"
+    with pytest.raises(SystemExit):
+        AuditConfig.from_argv([*BASE, "--compression", "zip"])
+    cfg = FilterConfig.from_argv(["d/", "audit/", "out/", "--format", "txt.xz"])
+    assert (cfg.format, cfg.compression) == ("txt", "xz")
 
 
 def test_replace_revalidates():

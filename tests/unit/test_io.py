@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import hashlib
 import json
+import lzma
+import subprocess
+import sys
 
 import fsspec
 import pyarrow as pa
@@ -11,8 +17,9 @@ import pytest
 
 from auditor import schema
 from auditor.errors import ConfigError, InputDataError
+from auditor.formats import CODEC_EXTENSIONS, strip_extensions
 from auditor.io.inputs import InputFile, list_inputs, peek_columns, shard_key
-from auditor.io.ledger import DONE, Ledger
+from auditor.io.ledger import DONE, Ledger, unit_key
 from auditor.io.parquet import commit_unit, read_shard, stage_rows
 from auditor.io.readers import read_caption_batches, read_record_batches
 from auditor.io.units import cut_row_groups, units_of
@@ -20,8 +27,19 @@ from auditor.io.units import cut_row_groups, units_of
 LOCAL = fsspec.filesystem("file")
 
 
-def file_for(path, fmt: str) -> InputFile:
-    return InputFile(str(path), str(path), fmt, path.name, shard_key(str(path)))
+def file_for(path, fmt: str, compression: str | None = None) -> InputFile:
+    return InputFile(str(path), str(path), fmt, path.name, shard_key(str(path)), compression=compression)
+
+
+def compress(data: bytes, codec: str) -> bytes:
+    """data in one codec's file format, written by the standard library (zstd by fsspec's own backend)."""
+    if codec == "zstd":
+        try:
+            from compression import zstd
+        except ImportError:
+            from backports import zstd
+        return zstd.compress(data)
+    return {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[codec](data)
 
 
 def read_all(path, fmt, **kwargs) -> pa.Table:
@@ -61,6 +79,131 @@ def test_list_inputs_errors(tmp_path):
         list_inputs((str(tmp_path / "x.bin"),), None, {})
     with pytest.raises(ConfigError, match="holds no input files"):
         list_inputs((str(tmp_path),), None, {})
+
+
+def test_list_inputs_compressed_text_by_double_extension(tmp_path):
+    names = [
+        "a.jsonl.gz",
+        "b.tsv.gz",
+        "c.json.zst",
+        "d.txt.bz2",
+        "e.csv.xz",
+        "f.JSONL.GZ",
+        "g.parquet.gz",
+        "h.gz",
+    ]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    files = list_inputs((str(tmp_path),), None, {})
+    assert [(f.relative, f.format, f.compression) for f in files] == [
+        ("a.jsonl.gz", "jsonl", "gzip"),
+        ("b.tsv.gz", "tsv", "gzip"),
+        ("c.json.zst", "jsonl", "zstd"),
+        ("d.txt.bz2", "txt", "bz2"),
+        ("e.csv.xz", "csv", "xz"),
+        ("f.JSONL.GZ", "jsonl", "gzip"),
+    ]  # fmt: skip  (compressed parquet and a bare .gz are no input files)
+    # --format keeps the name's codec; --compression replaces it ("none": as it is).
+    [h] = list_inputs((str(tmp_path / "h.gz"),), "csv", {})
+    assert (h.format, h.compression) == ("csv", "gzip")
+    [a] = list_inputs((str(tmp_path / "a.jsonl.gz"),), None, {}, "none")
+    assert (a.format, a.compression) == ("jsonl", None)
+    [b] = list_inputs((str(tmp_path / "b.tsv.gz"),), None, {}, "bz2")
+    assert (b.format, b.compression) == ("tsv", "bz2")
+    assert strip_extensions("dir/c.json.zst") == "dir/c" and strip_extensions("dir/a.b.csv") == "dir/a.b"
+
+
+def test_list_inputs_refuses_compressed_parquet(tmp_path):
+    (tmp_path / "g.parquet.gz").write_text("x")
+    with pytest.raises(ConfigError, match=r"INPUT .*g\.parquet\.gz has an unknown extension.*\.gz, \.bz2"):
+        list_inputs((str(tmp_path / "g.parquet.gz"),), None, {})
+    with pytest.raises(ConfigError, match=r"read as compressed parquet \(gzip\).*--compression none"):
+        list_inputs((str(tmp_path / "g.parquet.gz"),), "parquet", {})
+    (tmp_path / "p.parquet").write_text("x")
+    with pytest.raises(ConfigError, match=r"p\.parquet would be read as compressed parquet \(zstd\)"):
+        list_inputs((str(tmp_path),), None, {}, "zstd")
+
+
+JSONL = [json.dumps({"caption": f"caption {i}", "k": i}) for i in range(7)]
+PLAIN = {
+    "jsonl": "\n".join(JSONL[:3] + [""] + JSONL[3:]) + "\n",  # a blank line is not a row
+    "csv": "caption,k\n" + "".join(f"caption {i},{i}\n" for i in range(7)),
+    "tsv": "caption\tk\n" + "".join(f"caption {i}\t{i}\n" for i in range(7)),
+    "txt": "".join(f"caption {i}\n" for i in range(7)),
+}
+
+
+@pytest.mark.parametrize(("ext", "codec"), list(CODEC_EXTENSIONS.items()))
+@pytest.mark.parametrize("fmt", list(PLAIN))
+def test_compressed_text_reads_like_plain_text(tmp_path, fmt, ext, codec):
+    plain, packed = tmp_path / f"c.{fmt}", tmp_path / f"c.{fmt}{ext}"
+    plain.write_text(PLAIN[fmt])
+    packed.write_bytes(compress(PLAIN[fmt].encode(), codec))
+    [listed] = list_inputs((str(packed),), None, {})
+    assert (listed.format, listed.compression) == (fmt, codec)
+    keep = () if fmt == "txt" else ("k",)
+    want = pa.concat_tables(read_caption_batches(LOCAL, file_for(plain, fmt), "caption", keep_columns=keep))
+    got = pa.concat_tables(read_caption_batches(LOCAL, listed, "caption", batch_rows=3, keep_columns=keep))
+    assert got.drop_columns([schema.ID, schema.SOURCE]) == want.drop_columns([schema.ID, schema.SOURCE])
+    assert got.column(schema.ROW).to_pylist() == list(range(7))  # lines of the decompressed text
+    assert got.column(schema.CAPTION).to_pylist() == [f"caption {i}" for i in range(7)]
+    assert peek_columns(LOCAL, listed) == (["text"] if fmt == "txt" else ["caption", "k"])
+    records = pa.concat_tables(t for t, _ in read_record_batches(LOCAL, listed, batch_rows=3))
+    assert records.num_rows == 7  # what `auditor filter` reads
+
+
+@pytest.mark.parametrize(("ext", "codec"), list(CODEC_EXTENSIONS.items()))
+def test_truncated_archive_raises_naming_the_file_and_codec(tmp_path, ext, codec):
+    path = tmp_path / f"cut.jsonl{ext}"
+    blob = compress(("\n".join(JSONL * 400) + "\n").encode(), codec)
+    path.write_bytes(blob[: len(blob) // 2])
+    [file] = list_inputs((str(path),), None, {})
+    name = f"cut\\.jsonl\\{ext}"
+    with pytest.raises(
+        InputDataError, match=rf"{name} cannot be decompressed as {codec} \(EOFError.*truncated"
+    ):
+        pa.concat_tables(read_caption_batches(LOCAL, file, "caption"))
+    with pytest.raises(InputDataError, match=rf"{name} cannot be decompressed as {codec}"):
+        list(read_record_batches(LOCAL, file))
+    path.write_bytes(b"not compressed at all\n" * 50)
+    with pytest.raises(InputDataError, match=rf"{name} cannot be decompressed as {codec}.*--compression"):
+        peek_columns(LOCAL, file)
+
+
+def test_zstd_is_read_with_the_file_class_whatever_fsspec_registered():
+    code = (
+        "from fsspec.compression import compr, register_compression\n"
+        "register_compression('zstd', lambda f, mode='rb': f, 'zst', force=True)\n"  # as an older fsspec
+        "import auditor.io.inputs as inputs\n"
+        "print(compr['zstd'] is inputs.ZstdFile and inputs.ZstdFile is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_json_array_is_refused_with_the_conversion(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"caption": "a"}, {"caption": "b"}], indent=1))
+    [file] = list_inputs((str(path),), None, {})
+    assert file.format == "jsonl"  # .json is JSON lines
+    with pytest.raises(InputDataError, match=r"a\.json: the file holds a JSON array.*jq -c"):
+        peek_columns(LOCAL, file)
+    with pytest.raises(InputDataError, match=r"a\.json: the file holds a JSON array.*jq -c"):
+        read_all(path, "jsonl")
+
+
+def test_shard_key_never_reads_as_a_number():
+    # A stem "1e" and an all-digit hash would make `1e-0123456789`: a float to polars' hive type inference.
+    source = next(
+        s
+        for s in (f"/data/{i}/1e.jsonl" for i in range(100_000))
+        if hashlib.sha1(s.encode()).hexdigest()[:10].isdigit()
+    )
+    key = shard_key(source)
+    with pytest.raises(ValueError):
+        float(key)
+    assert key == f"1e-h{hashlib.sha1(source.encode()).hexdigest()[:10]}"
+    assert shard_key("/data/2026.jsonl").startswith("2026-") and shard_key("/x/a.csv").startswith("a-")
 
 
 def test_shard_key_is_stable_and_path_safe():
@@ -160,7 +303,9 @@ ROW = {"id": "x", "caption": "c", "score": 1.0, "flagged": True, "source": "s", 
 
 def test_staged_rows_are_invisible_until_the_unit_commits(tmp_path):
     out = str(tmp_path / "out")
-    first = stage_rows(LOCAL, out, "k1", 3, pa.Table.from_pylist([{**ROW, "row": 5, "_unit": 3}]))
+    first = stage_rows(
+        LOCAL, out, "k1", 3, pa.Table.from_pylist([{**ROW, "row": 5, schema.UNIT: 3, schema.NODE: "host/1"}])
+    )
     second = stage_rows(LOCAL, out, "k1", 3, pa.Table.from_pylist([{**ROW, "row": 4, "id": "y"}]))
     assert read_shard(LOCAL, f"{out}/scores", "k1", ["id"]) is None  # staged outside scores/
     parts = commit_unit(LOCAL, out, "k1", 3, [first, second], schema.flagged_schema(False))
@@ -169,7 +314,8 @@ def test_staged_rows_are_invisible_until_the_unit_commits(tmp_path):
         {"id": "y", "row": 4},
         {"id": "x", "row": 5},
     ]  # row order, internal columns dropped
-    assert "_unit" not in pq.read_schema(parts["scores"]).names
+    assert pq.read_schema(parts["scores"]).names == schema.SCORES_SCHEMA.names  # no _unit, no _node
+    assert pq.read_schema(parts["flagged"]).names == schema.flagged_schema(False).names
     assert read_shard(LOCAL, f"{out}/flagged", "k1", ["id"]).num_rows == 2
     assert not list((tmp_path / "out" / "_staging").rglob("*.parquet"))
     # A redo of the same unit replaces its part (here with no flags: the flagged part goes too).
@@ -224,7 +370,9 @@ def test_ledger_newest_record_wins_and_compaction_keeps_it(tmp_path):
     entries = ledger.entries()
     assert set(entries) == {("s3://b/a.parquet", 0), ("s3://b/a.parquet", 1), ("s3://b/b.parquet", 0)}
     assert entries[("s3://b/a.parquet", 0)]["status"] == DONE
-    assert ledger.compact() == 3
+    kept = ledger.compact()
+    assert len(kept) == 3
+    assert {unit_key(r): r for r in kept} == entries
     assert ledger.entries() == entries
     files = sorted(
         p.relative_to(tmp_path / "out" / "_ledger").as_posix()

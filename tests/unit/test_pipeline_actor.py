@@ -209,9 +209,14 @@ def test_units_commit_when_every_row_is_staged_and_a_broken_file_fails(
     assert (unit1.unit, unit1.received, unit1.first_row) == (1, 2, 4) and unit1.counts["null_caption"] == 1
     assert read_shard(fs, f"{cfg.output}/scores", file.shard, [schema.ROW]) is None  # staged only
     flagged_schema = schema.flagged_schema(False)
+    # The node that scored the rows is counted in the acknowledgements and never written.
+    assert schema.NODE in scored[0].column_names and unit0.nodes == {actor.node: 4}
     for state in (unit1, unit0):
         parts = commit_unit(fs, cfg.output, state.shard, state.unit, state.staged, flagged_schema)
         assert parts["rows"] == state.received
+        assert pq.read_schema(parts["scores"]).names == schema.SCORES_SCHEMA.names
+        if parts["flagged"]:
+            assert pq.read_schema(parts["flagged"]).names == flagged_schema.names
     scores = read_shard(fs, f"{cfg.output}/scores", file.shard, [schema.ROW])
     assert scores.column(schema.ROW).to_pylist() == list(range(6))
     assert read_shard(fs, f"{cfg.output}/flagged", file.shard, [schema.ID]).num_rows == 4

@@ -103,6 +103,23 @@ def test_failed_units_are_not_remaining_and_are_shown():
     assert progress.eta_s() == 0.0
 
 
+def test_snapshot_is_what_the_metrics_export():
+    clock = FakeClock()
+    progress = make(clock, total_units=4)
+    assert progress.snapshot() == {
+        "units_committed": 0,
+        "units_failed": 0,
+        "units_remaining": 4,
+        "eta_s": None,
+    }
+    clock.advance(10)
+    progress.unit_committed(100)
+    progress.unit_failed()
+    snap = progress.snapshot()
+    assert (snap["units_committed"], snap["units_failed"], snap["units_remaining"]) == (1, 1, 2)
+    assert snap["eta_s"] == pytest.approx(progress.eta_s()) == pytest.approx(20.0)
+
+
 def test_lines_are_logged_once_per_interval(caplog):
     caplog.set_level(logging.INFO, logger="auditor.progress")
     clock = FakeClock()

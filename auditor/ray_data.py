@@ -1,0 +1,202 @@
+"""The audit's scoring as one step of your own Ray Data pipeline: `add_memorization_scores(ds, ...)`, and the
+callable class behind it, `MemorizationScorer`, for wiring `map_batches` yourself.
+
+A thin wrapper over auditor.pipeline: the same tokenize stage, `ScoreActor`, shared noise, caption dedup and
+bad-row statuses as `auditor audit`, so a caption scores the same here, in the audit and in `Scorer.score` (same
+model and seed). No resume and no ledger: those belong to your pipeline; for resumable audits of a corpus, with
+outputs, a report and exactly-once rows, use `auditor audit`. Imports ray (users import this module explicitly;
+`import auditor` never does).
+
+    from auditor.ray_data import add_memorization_scores
+    ds = ray.data.read_parquet("s3://bucket/captions/")
+    ds = add_memorization_scores(ds, model="s3://bucket/models/sd15", caption_column="caption", threshold=0.35)
+    ds.filter(expr="memorization_flag == False").write_parquet("s3://bucket/clean/")
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from auditor import schema
+from auditor.config import ScoreConfig
+from auditor.errors import ConfigError
+from auditor.io.readers import string_captions
+from auditor.pipeline.plan import resolve_threshold
+from auditor.pipeline.stages import ScoreActor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OUTPUT_COLUMNS", "MemorizationScorer", "add_memorization_scores"]
+
+# What the step adds to every row: the score (float32, null unless the status is ok), the flag (bool: score >
+# threshold; False without a threshold or a score) and the row status (schema.ROW_STATUSES).
+OUTPUT_COLUMNS = (schema.MEMORIZATION_SCORE, schema.MEMORIZATION_FLAG, schema.MEMORIZATION_STATUS)
+OUTPUT_FIELDS = (
+    pa.field(schema.MEMORIZATION_SCORE, pa.float32()),
+    pa.field(schema.MEMORIZATION_FLAG, pa.bool_()),
+    pa.field(schema.MEMORIZATION_STATUS, pa.string()),
+)
+
+
+def check_columns(columns: Sequence[str], caption_column: str) -> None:
+    """ConfigError when the caption column is missing or an output column is already there."""
+    if caption_column not in columns:
+        raise ConfigError(
+            f"caption_column {caption_column!r} is not a column of the dataset; its columns are: "
+            f"{', '.join(columns)}. Pass caption_column=<one of them>."
+        )
+    clashes = [name for name in OUTPUT_COLUMNS if name in columns]
+    if clashes:
+        raise ConfigError(
+            f"the dataset already has column(s) {', '.join(clashes)}, which add_memorization_scores writes "
+            f"({', '.join(OUTPUT_COLUMNS)}); drop or rename them first "
+            f"(ds.drop_columns([...]) or ds.rename_columns({{...}}))."
+        )
+
+
+def _caption_array(values: Any) -> tuple[pa.Array, pa.Array]:
+    """(caption array, NOT_STRING mask) from an Arrow column, a pandas Series or a numpy array of objects."""
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        return values, pa.nulls(len(values), pa.bool_())
+    try:
+        return pa.array(values, from_pandas=True), pa.nulls(len(values), pa.bool_())
+    except (
+        pa.ArrowInvalid,
+        pa.ArrowTypeError,
+    ):  # mixed Python objects: strings stay, the rest is not a string
+        items = list(values)
+        captions = pa.array([v if isinstance(v, str) else None for v in items], pa.string())
+        mask = [not isinstance(v, str) and v is not None and v == v for v in items]  # v != v: NaN, a null
+        return captions, pa.array(mask, pa.bool_())
+
+
+class MemorizationScorer:
+    """Ray Data callable class (load once in `__init__`, score each batch in `__call__`): adds
+    memorization_score / memorization_flag / memorization_status to every row and leaves every other column
+    as it came. Use it with an actor pool:
+
+        ds.map_batches(
+            MemorizationScorer,
+            fn_constructor_kwargs={"model": "s3://bucket/models/sd15", "caption_column": "caption", "threshold": 0.35},
+            batch_size=64, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=8), num_gpus=1,
+        )
+
+    Keyword arguments are `ScoreConfig`'s (model, caption_column, threshold or threshold_file, generations,
+    steps, seed, batch_size, dtype, cuda_graphs, cpus_per_actor, storage_options). Batches may be pyarrow
+    Tables, pandas DataFrames or dicts of numpy arrays; the result has the same kind. Only the caption column
+    goes through the audit's stages, so user columns named like the audit's own (status, score, id, ...) are
+    never read or changed. Bad rows (null, empty, not a string) get their status and no score, never an error;
+    a batch the model fails on gets score_error. Metrics: see auditor.pipeline.metrics. No resume, no ledger.
+    """
+
+    def __init__(self, *, model: str, caption_column: str, **options: Any) -> None:
+        self.config = ScoreConfig(model=model, caption_column=caption_column, **options)
+        self.actor = ScoreActor(self.config)
+
+    def __call__(self, batch: Any) -> Any:
+        # 1. Check inputs.
+        columns = list(batch.column_names) if isinstance(batch, pa.Table) else list(batch.keys())
+        check_columns(columns, self.config.caption_column)
+        values = batch[self.config.caption_column]
+        if isinstance(batch, pa.Table):
+            values = batch.column(self.config.caption_column)
+        elif hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):  # a pandas Series
+            values = values.to_numpy(dtype=object)
+        # 2. Score the captions alone, through the audit's tokenize stage and score actor.
+        caption, not_string = _caption_array(values)
+        n = len(caption)
+        caption, status, error = string_captions(
+            caption, self.config.caption_column, pa.nulls(n, pa.string()), pa.nulls(n, pa.string())
+        )
+        status = pc.if_else(pc.fill_null(not_string, False), schema.NOT_STRING, status)
+        status = pc.coalesce(status, pa.scalar(schema.OK))
+        scored = self.actor(pa.table({schema.CAPTION: caption, schema.STATUS: status, schema.ERROR: error}))
+        results = {
+            schema.MEMORIZATION_SCORE: scored.column(schema.SCORE),
+            schema.MEMORIZATION_FLAG: scored.column(schema.FLAGGED),
+            schema.MEMORIZATION_STATUS: scored.column(schema.STATUS),
+        }
+        # 3. The results beside the user's columns, in the batch's own kind.
+        if isinstance(batch, pa.Table):
+            for field in OUTPUT_FIELDS:
+                batch = batch.append_column(field, results[field.name].cast(field.type))
+            return batch
+        arrays = {name: column.to_numpy(zero_copy_only=False) for name, column in results.items()}
+        arrays[schema.MEMORIZATION_SCORE] = arrays[schema.MEMORIZATION_SCORE].astype(np.float32)
+        if isinstance(batch, dict):
+            return {**batch, **arrays}
+        return batch.assign(**arrays)  # pandas
+
+
+def add_memorization_scores(
+    ds: ray.data.Dataset,
+    *,
+    model: str,
+    caption_column: str,
+    threshold: float | None = None,
+    threshold_file: str | None = None,
+    generations: int = 1,
+    steps: int = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float | None = None,
+    dtype: str = "auto",
+    cuda_graphs: bool | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> ray.data.Dataset:
+    """A new Dataset: every column of `ds`, plus memorization_score (float32, null unless memorization_status is
+    ok), memorization_flag (bool, score > threshold) and memorization_status (the audit's row statuses).
+
+    Scored by `actors` MemorizationScorer actors (an ActorPoolStrategy), `batch_size` captions per call, each
+    with `cpus_per_actor` CPUs and `gpus_per_actor` GPUs (None: 1 when the Ray cluster reports GPUs, else 0;
+    resolving it connects to or starts Ray, as running the dataset would). threshold / threshold_file as in
+    `auditor audit` (neither: nothing is flagged). The options are checked now, before anything runs: a bad
+    value, a missing caption column or an output column already in the dataset (when its schema is known
+    without running it) raises ConfigError. No resume and no ledger: a failed pipeline is rerun by its owner;
+    use `auditor audit` for resumable audits of a corpus.
+    """
+    # 1. Check inputs before any actor starts.
+    options: dict[str, Any] = dict(
+        model=model, caption_column=caption_column, threshold=threshold, threshold_file=threshold_file,
+        generations=generations, steps=steps, seed=seed, batch_size=batch_size, cpus_per_actor=cpus_per_actor,
+        dtype=dtype, cuda_graphs=cuda_graphs, storage_options=dict(storage_options or {}),
+    )  # fmt: skip
+    config = ScoreConfig(**options)
+    resolve_threshold(config)  # a threshold file that cannot be read fails here, not in every actor
+    if not isinstance(actors, int) or isinstance(actors, bool) or actors < 1:
+        raise ConfigError(f"actors must be an int >= 1, got {actors!r}.")
+    if gpus_per_actor is not None and not gpus_per_actor >= 0:
+        raise ConfigError(f"gpus_per_actor must be >= 0 (0 = CPU actors) or None, got {gpus_per_actor!r}.")
+    known = ds.schema(fetch_if_missing=False)
+    if known is not None:
+        check_columns(list(known.names), caption_column)
+    # 2. Resources.
+    if gpus_per_actor is None:
+        if not ray.is_initialized():
+            ray.init()
+        gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if cuda_graphs and not gpus_per_actor:
+        raise ConfigError(
+            "cuda_graphs=True needs GPU actors, but gpus_per_actor is 0 (or the cluster reports no GPUs). "
+            "Drop cuda_graphs or pass gpus_per_actor=1 on a cluster with GPUs."
+        )
+    # 3. One actor pool step; rows are never added or dropped.
+    return ds.map_batches(
+        MemorizationScorer,
+        fn_constructor_kwargs=options,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
+        udf_modifying_row_count=False,
+    )
