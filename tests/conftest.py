@@ -15,7 +15,12 @@ import torch  # noqa: E402
 
 # Under pytest-xdist (`make test`: --dist loadgroup), the tests that share an expensive per-process fixture run on one
 # worker, so that fixture starts once: a local Ray (ray_local), the drills' 2-node cluster, the trained toy.
-FIXTURE_GROUPS = {"drills": "drills", "ray_local": "ray_local", "toy_model_dir": "toy_model"}
+FIXTURE_GROUPS = {
+    "drills": "drills",
+    "ray_local": "ray_local",
+    "toy_model_dir": "toy_model",
+    "flow_toy": "flow_toy",
+}
 # Sent to the workers first, in this order (with --no-loadscope-reorder): the single-threaded toy rebuild (the
 # longest test) on a worker of its own from the start, then the two longest groups; the rest fills in behind.
 FIRST = ("test_rebuild_from_scratch_matches_the_shipped_model",)

@@ -8,6 +8,7 @@ import json
 EPILOG = """\
 examples:
   auditor toy-model path                                   the full preset shipped with the package (no training)
+  auditor toy-model path --family sd3                      the shipped flow-matching (SD3-shaped) toy
   auditor score --model "$(auditor toy-model path)" "a red cat sitting in a park"
   auditor toy-model build .cache/toy-model                 full preset from scratch (10-15 min on 2 CPU cores)
   auditor toy-model build /tmp/toy --preset test --seed 1  small fast variant (the tests' fixture)
@@ -33,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "path",
         help="print the folder of the toy model shipped with the package (full preset, seed 0)",
         allow_abbrev=False,
+    )
+    path.add_argument(
+        "--family",
+        default="sd",
+        choices=["sd", "sd3"],
+        help="sd: the DDPM toy (StableDiffusionPipeline); sd3: the flow-matching toy (StableDiffusion3Pipeline)",
     )
     path.set_defaults(handler=run_path)
     build = actions.add_parser(
@@ -76,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_path(args: argparse.Namespace) -> int:
     from auditor.toy.shipped import shipped_model_dir
 
-    print(shipped_model_dir())
+    print(shipped_model_dir(args.family))
     return 0
 
 

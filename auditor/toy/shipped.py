@@ -28,6 +28,11 @@ from auditor.errors import ModelLoadError
 SHIPPED_PRESET = "full"
 SHIPPED_SEED = 0
 SHIPPED_DIR = Path(__file__).parent / "weights" / f"{SHIPPED_PRESET}-seed{SHIPPED_SEED}"
+# The flow-matching (SD3-shaped) toy, `auditor toy-model build DIR --family sd3 --preset full --seed 0`: 2.8 MB.
+SHIPPED_DIRS = {
+    "sd": SHIPPED_DIR,
+    "sd3": Path(__file__).parent / "weights" / f"sd3-{SHIPPED_PRESET}-seed{SHIPPED_SEED}",
+}
 RECORD_FILE = "shipped.json"
 # Files whose bytes depend on the build's timing, not on what was trained.
 VOLATILE_FILES = frozenset({"toy_build.json", RECORD_FILE})
@@ -35,14 +40,17 @@ VOLATILE_FILES = frozenset({"toy_build.json", RECORD_FILE})
 logger = logging.getLogger(__name__)
 
 
-def shipped_model_dir() -> Path:
-    """The shipped toy model folder. Raises ModelLoadError when the package was installed without it."""
-    if not (SHIPPED_DIR / "model_index.json").is_file():
+def shipped_model_dir(family: str = "sd") -> Path:
+    """The shipped toy model folder of `family` ("sd", or "sd3" for the flow-matching toy). Raises ModelLoadError
+    when the package was installed without it.
+    """
+    folder = SHIPPED_DIRS[family]
+    if not (folder / "model_index.json").is_file():
         raise ModelLoadError(
-            f"the shipped toy model is missing from {SHIPPED_DIR} (an install without package data?). Reinstall "
-            "auditor, or build one with `auditor toy-model build DIR` and pass --model DIR."
+            f"the shipped toy model is missing from {folder} (an install without package data?). Reinstall "
+            f"auditor, or build one with `auditor toy-model build DIR --family {family}` and pass --model DIR."
         )
-    return SHIPPED_DIR
+    return folder
 
 
 def file_digests(model_dir: str | Path) -> dict[str, str]:
@@ -70,8 +78,9 @@ def build_environment() -> dict[str, str]:
     }
 
 
-def write_shipped_record(model_dir: str | Path) -> Path:
+def write_shipped_record(model_dir: str | Path, family: str = "sd") -> Path:
     record = {
+        "family": family,
         "preset": SHIPPED_PRESET,
         "seed": SHIPPED_SEED,
         "built_with": build_environment(),
