@@ -312,3 +312,33 @@ def test_mitigate_cli_saves_the_pooled_embedding_of_sd3(family_model_dirs, tmp_p
     with safe_open(str(out), "pt") as fh:
         assert sorted(fh.keys()) == ["pooled_prompt_embeds", "prompt_embeds"]
         assert fh.get_tensor("pooled_prompt_embeds").shape == (1, 64)
+
+
+def threshold_from(content: dict):
+    from auditor.pipeline.plan import ThresholdChoice
+
+    return ThresholdChoice(0.5, {"kind": "file", "path": "t.json", "content": {"threshold": 0.5, **content}})
+
+
+def test_a_threshold_file_from_another_family_or_model_is_warned(caplog):
+    from auditor.pipeline.plan import warn_if_calibrated_elsewhere
+
+    with caplog.at_level("WARNING"):
+        warn_if_calibrated_elsewhere(
+            threshold_from({"model_family": "sd", "model_fingerprint": "a" * 64}), "sd3", "b" * 64
+        )
+    assert "calibrated on a sd model, this audit runs a sd3 model: thresholds never transfer" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_if_calibrated_elsewhere(
+            threshold_from({"model_family": "sd3", "model_fingerprint": "a" * 64}), "sd3", "b" * 64
+        )
+    assert "calibrated on another model (fingerprint aaaaaaaaaaaa" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_if_calibrated_elsewhere(
+            threshold_from({"model_family": "sd3", "model_fingerprint": "b" * 64}), "sd3", "b" * 64
+        )
+        # A file written before families existed was calibrated on an SD model.
+        warn_if_calibrated_elsewhere(threshold_from({"model_fingerprint": "b" * 64}), "sd", "b" * 64)
+    assert caplog.text == ""
