@@ -28,7 +28,7 @@ from auditor.toy.flow_check import FIXED_SIGMA, check_flow_toy, format_flow_chec
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--model-dir", default=".cache/toy-sd3")
     parser.add_argument("--preset", default="full", choices=["full", "test"])
