@@ -120,9 +120,7 @@ def _block_significance(
 ) -> TokenSignificance:
     """The caption's tokens of one tokenizer: their rows of `per_position` and their pieces."""
     packed = scorer.caption_tokenizer
-    tokenizer = dict((name, tok) for name, tok, _ in packed.parts)[block.tokenizer]
-    start = packed.offset(block.tokenizer)
-    width = packed.widths[[name for name, _, _ in packed.parts].index(block.tokenizer)]
+    tokenizer, start, width = packed.part(block.tokenizer)
     n_special = len(tokenizer("")["input_ids"])
     n_kept = int(tokenized.attention_mask[0, start : start + width].sum()) - n_special
     rows = slice(block.first_row + block.skip, block.first_row + block.skip + n_kept)

@@ -156,12 +156,12 @@ class PackedTokenizer:
             start += width
         return blocks
 
-    def offset(self, name: str) -> int:
-        """Column where part `name` starts in the packed matrix."""
+    def part(self, name: str) -> tuple[Any, int, int]:
+        """(tokenizer, first column, width) of part `name` in the packed matrix."""
         start = 0
-        for folder, _, width in self.parts:
+        for folder, tokenizer, width in self.parts:
             if folder == name:
-                return start
+                return tokenizer, start, width
             start += width
         raise KeyError(name)
 

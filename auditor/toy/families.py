@@ -18,6 +18,10 @@ from auditor.toy.models import SD_V1_SCHEDULER, TINY, build_vae, default_corpus
 from auditor.toy.tokenizer import build_clip_tokenizer
 
 T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+# SD v1's noise schedule without DDIM's own options: what Euler and DPM-Solver schedulers (SDXL, PixArt) take.
+SD_V1_NOISE_SCHEDULE = {
+    k: v for k, v in SD_V1_SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")
+}
 
 
 def build_t5_tokenizer(
@@ -73,17 +77,29 @@ def clip_text_model(vocab_size: int, hidden: int, *, projection_dim: int | None 
     return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
 
 
-def t5_encoder(vocab_size: int, d_model: int, layers: int = 2):
+def t5_encoder(
+    vocab_size: int,
+    d_model: int,
+    layers: int = 2,
+    *,
+    d_kv: int = 8,
+    d_ff: int | None = None,
+    num_heads: int = 4,
+    buckets: int = 8,
+    feed_forward_proj: str = "relu",
+):
+    """A T5 encoder (pad 0, eos 1); the defaults are the tests' tiny one, d_ff None meaning 2 x d_model."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=vocab_size,
         d_model=d_model,
-        d_kv=8,
-        d_ff=2 * d_model,
+        d_kv=d_kv,
+        d_ff=2 * d_model if d_ff is None else d_ff,
         num_layers=layers,
-        num_heads=4,
-        relative_attention_num_buckets=8,
+        num_heads=num_heads,
+        relative_attention_num_buckets=buckets,
+        feed_forward_proj=feed_forward_proj,
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
@@ -145,9 +161,7 @@ def build_random_sdxl(
         tokenizer=tokenizers.clip,
         tokenizer_2=tokenizers.clip_2,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(
-            **{k: v for k, v in SD_V1_SCHEDULER.items() if k != "clip_sample" and k != "set_alpha_to_one"}
-        ),
+        scheduler=EulerDiscreteScheduler(**SD_V1_NOISE_SCHEDULE),
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
@@ -228,15 +242,12 @@ def build_random_pixart(out_dir: str | Path, *, seed: int = 0, alpha: bool = Fal
         norm_eps=1e-6,
     )
     pipeline_cls = PixArtAlphaPipeline if alpha else PixArtSigmaPipeline
-    scheduler_config = {
-        k: v for k, v in SD_V1_SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")
-    }
     pipeline = pipeline_cls(
         tokenizer=t5_tokenizer,
         text_encoder=t5_encoder(len(t5_tokenizer), 32),
         vae=build_vae(TINY),
         transformer=transformer,
-        scheduler=DPMSolverMultistepScheduler(**scheduler_config),
+        scheduler=DPMSolverMultistepScheduler(**SD_V1_NOISE_SCHEDULE),
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -290,9 +301,7 @@ def shaped_components(
                 cross_attention_dim=clip_l + big_g,
                 norm_num_groups=32 if real else 1,
             )
-            scheduler_config = {
-                k: v for k, v in SD_V1_SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")
-            }
+            scheduler_config = dict(SD_V1_NOISE_SCHEDULE)
             parts = [("tokenizer", tokenizers.clip, 77), ("tokenizer_2", tokenizers.clip_2, 77)]
         elif family == "sd3":
             t5_width = 4096 if real else 32
@@ -346,18 +355,6 @@ def shaped_components(
 
 def t5_xxl(vocab_size: int):
     """T5-v1.1-XXL's encoder shapes (4096 wide, 24 layers, 64 heads, gated GELU), as SD3 ships it."""
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_heads=64,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
+    return t5_encoder(
+        vocab_size, 4096, 24, d_kv=64, d_ff=10240, num_heads=64, buckets=32, feed_forward_proj="gated-gelu"
     )
-    return T5EncoderModel(config)
