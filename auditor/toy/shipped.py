@@ -46,9 +46,10 @@ def shipped_model_dir(family: str = "sd") -> Path:
     """
     folder = SHIPPED_DIRS[family]
     if not (folder / "model_index.json").is_file():
+        family_flag = "" if family == "sd" else f" --family {family}"
         raise ModelLoadError(
             f"the shipped toy model is missing from {folder} (an install without package data?). Reinstall "
-            f"auditor, or build one with `auditor toy-model build DIR --family {family}` and pass --model DIR."
+            f"auditor, or build one with `auditor toy-model build DIR{family_flag}` and pass --model DIR."
         )
     return folder
 

@@ -75,12 +75,13 @@ def test_toy_model_path_prints_the_shipped_folder(capsys):
     assert capsys.readouterr().out.strip() == str(shipped_model_dir())
 
 
-def test_missing_shipped_model_says_how_to_get_one(monkeypatch, tmp_path):
-    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path / "gone")
+@pytest.mark.parametrize("family, build", [("sd", "DIR"), ("sd3", "DIR --family sd3")])
+def test_missing_shipped_model_says_how_to_get_one(monkeypatch, tmp_path, family, build):
+    monkeypatch.setitem(shipped.SHIPPED_DIRS, family, tmp_path / "gone")
     with pytest.raises(
-        ModelLoadError, match=r"shipped toy model is missing from .*gone .*`auditor toy-model build DIR`"
+        ModelLoadError, match=rf"shipped toy model is missing from .*gone .*`auditor toy-model build {build}`"
     ):
-        shipped.shipped_model_dir()
+        shipped.shipped_model_dir(family)
 
 
 def test_shipped_model_detects_its_memorized_captions():
