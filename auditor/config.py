@@ -31,6 +31,10 @@ from auditor.formats import (
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 MAX_STEPS = 50  # the DDIM-50 schedule the score follows
+SCORE_SIGMA_HELP = (
+    "flow-matching models (SD3 / SD3.5) only: score at this noise level in (0, 1] instead of sigma = 1, after "
+    "one CFG Euler step from x_T (default: sigma = 1, x_T itself; README 'Why sigma = 1 for SD3')"
+)
 # Rows per work unit (whole parquet row groups): the resume, commit and output-file granularity. At 100k rows a unit
 # is ~4 min of one GPU at 450 captions/s (a crash loses at most that per actor), one ~10 MB part file, and one
 # ledger record per 100k rows (23k records for a 2.3B-row corpus: a ledger that reads in seconds).
@@ -125,6 +129,7 @@ class ScoreConfig:
     caption_column: str = "caption"
     generations: int = 1
     steps: int = 1
+    score_sigma: float | None = None
     seed: int = 0
     threshold: float | None = None
     threshold_file: str | None = None
@@ -158,6 +163,15 @@ class ScoreConfig:
             raise ConfigError(f"{o('steps')} must be an int in 1..{MAX_STEPS}, got {self.steps!r}.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"{o('seed')} must be an int >= 0, got {self.seed!r}.")
+        if self.score_sigma is not None and (
+            isinstance(self.score_sigma, bool)
+            or not isinstance(self.score_sigma, int | float)
+            or not 0.0 < self.score_sigma <= 1.0
+        ):
+            raise ConfigError(
+                f"{o('score-sigma')} must be a number in (0, 1], got {self.score_sigma!r}; e.g. 0.94 "
+                "(flow-matching models only)."
+            )
         if self.threshold is not None and self.threshold_file is not None:
             raise ConfigError(f"pass {o('threshold')} or {o('threshold-file')}, not both.")
         if self.threshold is not None and (
@@ -431,8 +445,12 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"initial noises averaged per caption (default {d('generations')})",
     )
     model.add_argument(
-        "--steps", type=int, default=argparse.SUPPRESS, help=f"DDIM steps averaged (default {d('steps')})"
+        "--steps",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"sampler steps averaged (DDIM for SD; default {d('steps')})",
     )
+    model.add_argument("--score-sigma", type=float, default=argparse.SUPPRESS, help=SCORE_SIGMA_HELP)
     model.add_argument(
         "--seed", type=int, default=argparse.SUPPRESS, help=f"noise seed (default {d('seed')})"
     )

@@ -89,7 +89,7 @@ class MemorizationScorer:
         )
 
     Keyword arguments are `ScoreConfig`'s (model, caption_column, threshold or threshold_file, generations,
-    steps, seed, batch_size, dtype, cuda_graphs, cpus_per_actor, storage_options). Batches may be pyarrow
+    steps, score_sigma, seed, batch_size, dtype, cuda_graphs, cpus_per_actor, storage_options). Batches may be pyarrow
     Tables, pandas DataFrames or dicts of numpy arrays; the result has the same kind. Only the caption column
     goes through the audit's stages, so user columns named like the audit's own (status, score, id, ...) are
     never read or changed. Bad rows (null, empty, not a string) get their status and no score, never an error;
@@ -144,6 +144,7 @@ def add_memorization_scores(
     threshold_file: str | None = None,
     generations: int = 1,
     steps: int = 1,
+    score_sigma: float | None = None,
     seed: int = 0,
     batch_size: int = 32,
     actors: int = 1,
@@ -167,7 +168,8 @@ def add_memorization_scores(
     # 1. Check inputs before any actor starts.
     options: dict[str, Any] = dict(
         model=model, caption_column=caption_column, threshold=threshold, threshold_file=threshold_file,
-        generations=generations, steps=steps, seed=seed, batch_size=batch_size, cpus_per_actor=cpus_per_actor,
+        generations=generations, steps=steps, score_sigma=score_sigma, seed=seed, batch_size=batch_size,
+        cpus_per_actor=cpus_per_actor,
         dtype=dtype, cuda_graphs=cuda_graphs, storage_options=dict(storage_options or {}),
     )  # fmt: skip
     config = ScoreConfig(**options)

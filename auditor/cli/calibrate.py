@@ -101,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
     if not captions:
         raise InputDataError(f"--reference {args.reference} holds no captions.")
     scorer = Scorer.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        score_sigma=args.score_sigma,
     )
     record = calibrate_threshold(
         scorer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from auditor.config import SCORE_SIGMA_HELP
 from auditor.errors import InputDataError
 
 
@@ -13,7 +14,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         required=True,
-        help="diffusers Stable Diffusion folder: local path, hub id (owner/name) or fsspec URI (s3://bucket/model)",
+        help="diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, PixArt): local path, hub id (owner/name) or "
+        "fsspec URI (s3://bucket/model)",
     )
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     group.add_argument(
@@ -33,12 +35,18 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=1,
-        help="DDIM steps averaged (1 = first step only, the fast detector; >1 follows a CFG-7.5 trajectory)",
+        help="sampler steps averaged (1 = first step only, the fast detector; >1 follows the model's CFG "
+        "trajectory: DDIM 7.5 for SD)",
     )
+    add_score_sigma_argument(group)
     group.add_argument(
         "--seed", type=int, default=0, help="noise seed; x_T depends only on (seed, generation)"
     )
     group.add_argument("--batch-size", type=int, default=32, help="captions per UNet batch (default 32)")
+
+
+def add_score_sigma_argument(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--score-sigma", type=float, default=None, metavar="SIGMA", help=SCORE_SIGMA_HELP)
 
 
 def read_caption_lines(path: str) -> list[str]:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from auditor.cli.calibrate import read_caption_file
-from auditor.cli.common import add_model_arguments
+from auditor.cli.common import add_model_arguments, add_score_sigma_argument
 from auditor.errors import ConfigError
 
 EPILOG = """\
@@ -50,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5], help="DDIM step counts (default 1 5)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    add_score_sigma_argument(parser)
     parser.add_argument("--fpr", type=float, default=0.01, help="FPR for the TPR column (default 0.01)")
     parser.add_argument("--batch-size", type=int, default=32, help="captions per UNet batch (default 32)")
     parser.add_argument(
@@ -95,7 +96,11 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. Score and tabulate
     scorer = Scorer.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        score_sigma=args.score_sigma,
     )
     rows = evaluate_detection(
         scorer,

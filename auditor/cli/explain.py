@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from auditor.cli.common import add_model_arguments
+from auditor.cli.common import add_model_arguments, add_score_sigma_argument
 from auditor.errors import ConfigError, ModelLoadError
 
 BAR_WIDTH = 32
@@ -42,8 +42,9 @@ def add_noise_arguments(parser: argparse.ArgumentParser, steps: bool) -> None:
             "--steps",
             type=int,
             default=1,
-            help="DDIM steps averaged (1 = first step; >1 follows the CFG-7.5 trajectory of the caption)",
+            help="sampler steps averaged (1 = first step; >1 follows the caption's CFG trajectory: DDIM 7.5 for SD)",
         )
+        add_score_sigma_argument(group)
     group.add_argument(
         "--seed", type=int, default=0, help="noise seed; x_T depends only on (seed, generation)"
     )
@@ -111,7 +112,13 @@ def load_scorer(args: argparse.Namespace):
     from auditor.scoring import Scorer
 
     # One caption: CUDA graphs for a batch would cost more to capture than they save.
-    return Scorer.from_pretrained(args.model, device=args.device, dtype=args.dtype, cuda_graphs=False)
+    return Scorer.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        cuda_graphs=False,
+        score_sigma=getattr(args, "score_sigma", None),
+    )
 
 
 def format_bar(fraction: float, width: int = BAR_WIDTH) -> str:

@@ -43,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if not captions:
         raise InputDataError("no captions given; pass them as arguments or with --file captions.txt.")
     scorer = Scorer.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        score_sigma=args.score_sigma,
     )
     tokens = scorer.tokenize(captions)
     scores = scorer.score_tokenized(tokens, generations=args.generations, steps=args.steps, seed=args.seed)

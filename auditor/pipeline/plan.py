@@ -23,6 +23,7 @@ from auditor.errors import ConfigError, InputDataError
 from auditor.io import ledger as ledger_mod
 from auditor.io.inputs import InputFile, list_inputs, peek_columns
 from auditor.io.storage import filesystem_for, read_json
+from auditor.report.calibration import SCALE_FIELDS, calibration_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ RESULT_FIELDS = (
     "format",
     "generations",
     "steps",
+    "score_sigma",
     "seed",
     "dtype",
     "explain_flagged",
@@ -97,29 +99,18 @@ def resolve_threshold(cfg: AuditConfig) -> ThresholdChoice:
     return ThresholdChoice(float(value), {"kind": "file", "path": cfg.threshold_file, "content": content})
 
 
-def warn_if_calibrated_elsewhere(threshold: ThresholdChoice, family: str, model_fingerprint: str) -> None:
-    """A threshold file from another model family or model still runs, with a warning: thresholds are per model."""
+def warn_if_calibrated_elsewhere(
+    threshold: ThresholdChoice,
+    family: str,
+    model_fingerprint: str,
+    score_options: dict[str, Any] | None = None,
+) -> None:
+    """A threshold file from another model family, model or score options still runs, with a warning."""
     content = threshold.origin.get("content") if threshold.origin.get("kind") == "file" else None
-    if not isinstance(content, dict):
-        return
-    path = threshold.origin.get("path")
-    calibrated_family = content.get("model_family", "sd" if "model_fingerprint" in content else None)
-    if calibrated_family is not None and calibrated_family != family:
-        logger.warning(
-            "--threshold-file %s was calibrated on a %s model, this audit runs a %s model: thresholds never transfer "
-            "between families; recalibrate with `auditor calibrate` on this model.",
-            path,
-            calibrated_family,
-            family,
-        )
-    elif content.get("model_fingerprint") not in (None, model_fingerprint):
-        logger.warning(
-            "--threshold-file %s was calibrated on another model (fingerprint %s..., this one %s...): thresholds "
-            "are per model; recalibrate with `auditor calibrate` on this model.",
-            path,
-            str(content["model_fingerprint"])[:12],
-            model_fingerprint[:12],
-        )
+    if isinstance(content, dict):
+        why = calibration_mismatch(content, family, model_fingerprint, score_options)
+        if why is not None:
+            logger.warning("--threshold-file %s %s", threshold.origin.get("path"), why)
 
 
 def load_explain() -> Callable[..., Any]:
@@ -295,7 +286,8 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
     root = resolve_model_dir(cfg.model, cfg.storage_options)
     model_family = check_model_dir(root).name
     model_fingerprint = fingerprint_model(root)
-    warn_if_calibrated_elsewhere(threshold, model_family, model_fingerprint)
+    score_options = {name: getattr(cfg, name) for name in SCALE_FIELDS}
+    warn_if_calibrated_elsewhere(threshold, model_family, model_fingerprint, score_options)
     fingerprint = run_fingerprint(cfg, model_fingerprint, threshold)
     timings["model_fingerprint"] = time.perf_counter() - started
     # 4. What to do, file by file and unit by unit.

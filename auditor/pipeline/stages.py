@@ -156,6 +156,7 @@ class ScoreActor:
             cfg.model,
             dtype=cfg.dtype,
             batch_size=cfg.batch_size,
+            score_sigma=cfg.score_sigma,
             storage_options=cfg.storage_options,
             # None: graphs when the actor got a GPU (run() refuses --cuda-graphs when actors get none).
             cuda_graphs=cfg.cuda_graphs if torch.cuda.is_available() else False,

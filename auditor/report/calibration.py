@@ -21,6 +21,41 @@ from auditor.report.metrics import flagged_fraction, threshold_at_fpr
 logger = logging.getLogger(__name__)
 
 FLAG_RULE = "score > threshold"
+# Score options that change a score's scale: a threshold calibrated with other values does not apply.
+SCALE_FIELDS = ("generations", "steps", "score_sigma")
+
+
+def calibration_mismatch(
+    content: dict[str, Any], family: str, model_fingerprint: str, score_options: dict[str, Any] | None = None
+) -> str | None:
+    """Why a threshold file's record (`content`) does not fit this audit, as the end of "the threshold ...", or
+    None: another model family, another model, or other SCALE_FIELDS (score_options: name -> this audit's value).
+    """
+    calibrated_on = content.get("model_fingerprint")
+    # A file written before families existed was calibrated on an SD model; before score_sigma, at sigma = 1.
+    calibrated_family = content.get("model_family", "sd" if calibrated_on else None)
+    if calibrated_family is not None and family and calibrated_family != family:
+        return (
+            f"was calibrated on a {calibrated_family} model, this audit runs a {family} model: thresholds never "
+            "transfer between families; recalibrate with `auditor calibrate` on this model."
+        )
+    if calibrated_on is not None and model_fingerprint and calibrated_on != model_fingerprint:
+        return (
+            f"was calibrated on another model (fingerprint {str(calibrated_on)[:12]}..., this one "
+            f"{model_fingerprint[:12]}...): thresholds are per model; recalibrate with `auditor calibrate` on it."
+        )
+    calibrated_with = {"score_sigma": None} | {k: content[k] for k in SCALE_FIELDS if k in content}
+    differ = [
+        f"{name} {calibrated_with[name]} there, {value} here"
+        for name, value in (score_options or {}).items()
+        if name in calibrated_with and calibrated_with[name] != value
+    ]
+    if differ:
+        return (
+            f"was calibrated with other score options ({', '.join(differ)}): the scores' scale differs; "
+            "recalibrate with `auditor calibrate` and the same options."
+        )
+    return None
 
 
 def calibrate_threshold(
@@ -61,6 +96,7 @@ def calibrate_threshold(
         "model_family": scorer.family_name,
         "generations": generations,
         "steps": steps,
+        "score_sigma": scorer.family.score_sigma,
         "seed": seed,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 2),

@@ -31,6 +31,7 @@ from auditor.report.audit_output import (
     scan_scores,
     top_flagged,
 )
+from auditor.report.calibration import SCALE_FIELDS, calibration_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -198,22 +199,15 @@ def threshold_view(current: AuditOutput) -> dict[str, Any]:
                 value = content[key]
                 shown = format_percent(value) if key.endswith("fpr") else format_value(value)
                 view["details"].append((label, shown))
-        calibrated_on = content.get("model_fingerprint")
-        calibrated_family = content.get("model_family", "sd" if calibrated_on else None)
-        if calibrated_family and summary.get("model_family") and calibrated_family != summary["model_family"]:
-            view["warning"] = (
-                f"The threshold was calibrated on a {calibrated_family} model and this audit ran a "
-                f"{summary['model_family']} model: thresholds never transfer between families; recalibrate."
-            )
-        elif (
-            calibrated_on
-            and summary.get("model_fingerprint")
-            and calibrated_on != summary["model_fingerprint"]
-        ):
-            view["warning"] = (
-                f"The threshold was calibrated on another model (fingerprint {calibrated_on[:12]}…, this audit "
-                f"{summary['model_fingerprint'][:12]}…): thresholds are per model; recalibrate on this one."
-            )
+        config = summary.get("config") or {}
+        why = calibration_mismatch(
+            content,
+            summary.get("model_family") or "",
+            summary.get("model_fingerprint") or "",
+            {name: config[name] for name in SCALE_FIELDS if name in config},
+        )
+        if why is not None:
+            view["warning"] = f"The threshold {why}"
     else:
         view["origin"] = kind
     return view

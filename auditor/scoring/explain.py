@@ -59,6 +59,8 @@ def explain(
     gradient is local: x_s is held fixed, as in the reference. For steps > 1, x_s follows a correct CFG trajectory
     of the family's sampler from x_T (SD: DDIM, w = 7.5, uncond + w * (cond - uncond); the reference guides with
     the roles swapped, i.e. with scale -6.5, which this does not copy). x_T depends only on (seed, k), as in `score`.
+    A scorer built with score_sigma < 1 (flow matching) first walks its approach step to sigma, without gradients,
+    and explains the magnitude there, as it scores.
 
     Gradients run in the scorer's dtype (fp16 on CUDA by default); norms are float32.
     """
@@ -80,9 +82,16 @@ def explain(
     sample = x_T.to(device, dtype)
     grad_norms = torch.zeros(generations, leaf.shape[1], dtype=torch.float32, device=device)
     total_magnitude = torch.zeros((), dtype=torch.float32, device=device)
-    for index, timestep in enumerate(scorer.timesteps[:steps]):
+    lead_in = family.lead_in_steps
+    for index, timestep in enumerate(scorer.timesteps[: lead_in + steps]):
         with torch.no_grad():
             uncond = family.denoise(sample, timestep, empty)
+        if index < lead_in:
+            # A fixed-sigma score's approach step: walked, not explained, as `Scorer.magnitudes` walks it.
+            with torch.no_grad():
+                cond = family.denoise(sample, timestep, prompt)
+            sample = family.step(magnitude.guided_output(uncond, cond, family.guidance_scale), index, sample)
+            continue
         with torch.enable_grad():
             cond = family.denoise(sample, timestep, Conditioning(leaf.to(dtype), prompt.pooled, prompt.mask))
             scored_cond = family.scored_output(cond, sample, timestep)
@@ -91,7 +100,7 @@ def explain(
             (grad,) = torch.autograd.grad(magnitudes.sum(), [leaf])
         grad_norms += grad.float().norm(p=2, dim=-1)
         total_magnitude += magnitudes.detach().sum()
-        if index + 1 < steps:
+        if index + 1 < lead_in + steps:
             guided = magnitude.guided_output(uncond, cond.detach(), family.guidance_scale)
             sample = family.step(guided, index, sample)
 

@@ -110,17 +110,28 @@ class ModelFamily:
     # The pipeline's own default guidance: used only by steps > 1 (the CFG trajectory) and sampling.
     guidance_scale: ClassVar[float]
 
-    def __init__(self, components: Any, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        components: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        score_sigma: float | None = None,
+    ):
         self.components = components
         self.device = device
         self.dtype = dtype
         self.tokenizer: PackedTokenizer = components.packed_tokenizer
         self.denoiser: torch.nn.Module = components.unet
+        self.latent_shape = self.read_latent_shape()
         self.scheduler = self.build_scheduler(components.scheduler_config)
         # Kept on CPU: reading a timestep as a number must never wait on the GPU.
         self.timesteps = self.scheduler.timesteps.cpu()
-        self.latent_shape = self.read_latent_shape()
         self.init_noise_sigma = float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+        # Steps of the trajectory walked before the first scored one (a fixed-sigma score starts with one).
+        self.lead_in_steps = 0
+        self.score_sigma = None if score_sigma is None else check_score_sigma(score_sigma)
+        if self.score_sigma is not None and self.score_sigma != 1.0:
+            self.score_at_sigma(self.score_sigma)
 
     @property
     def name(self) -> str:
@@ -135,6 +146,18 @@ class ModelFamily:
         """x at step index+1 from the guided denoiser output at step `index` (the pipeline's scheduler.step)."""
         timestep = self.timesteps[index]
         return self.scheduler.step(self.sampler_output(guided), timestep, sample, return_dict=False)[0]
+
+    @property
+    def scorable_steps(self) -> int:
+        """The most steps a score can average: the trajectory's steps after the lead-in."""
+        return len(self.timesteps) - self.lead_in_steps
+
+    def score_at_sigma(self, sigma: float) -> None:
+        """Score at noise level sigma < 1 instead of the sampler's first step: only flow-matching families can."""
+        raise ConfigError(
+            f"--score-sigma {sigma:g} applies to flow-matching models (SD3 / SD3.5); a {self.name} model is scored "
+            f"at its sampler's first timestep t1 = {int(self.timesteps[0])}. Drop --score-sigma."
+        )
 
     def sampler_output(self, output: torch.Tensor) -> torch.Tensor:
         """The part of the denoiser output the sampler steps with (all of it unless a family drops channels)."""
@@ -203,8 +226,10 @@ class StableDiffusionFamily(ModelFamily):
     # The paper's detection run.
     guidance_scale = magnitude.GUIDANCE_SCALE
 
-    def __init__(self, components: Any, device: torch.device, dtype: torch.dtype):
-        super().__init__(components, device, dtype)
+    def __init__(
+        self, components: Any, device: torch.device, dtype: torch.dtype, score_sigma: float | None = None
+    ):
+        super().__init__(components, device, dtype, score_sigma)
         self.text_encoder = components.text_encoder
         self.use_attention_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
         # Replaced by a CUDA-graph runner in Scorer.optimize_for_cuda.
@@ -250,8 +275,10 @@ class StableDiffusionXLFamily(ModelFamily):
     # StableDiffusionXLPipeline.__call__'s default.
     guidance_scale = 5.0
 
-    def __init__(self, components: Any, device: torch.device, dtype: torch.dtype):
-        super().__init__(components, device, dtype)
+    def __init__(
+        self, components: Any, device: torch.device, dtype: torch.dtype, score_sigma: float | None = None
+    ):
+        super().__init__(components, device, dtype, score_sigma)
         self.text_encoders = [components.modules["text_encoder"], components.modules["text_encoder_2"]]
         self.force_zeros = bool(components.pipeline_config.get("force_zeros_for_empty_prompt", True))
         # _get_add_time_ids: original size, crop (0, 0), target size, all at the UNet's default sample size.
@@ -301,13 +328,17 @@ class StableDiffusion3Family(ModelFamily):
         "v_c - v_u (at sigma = 1 the eps-difference is identically 0; the v-difference equals -delta x0-hat)"
     )
     unconditional_rule = '"" through all encoders, as the pipeline does'
-    first_step = "sigma = 1 (t = 1000), the flow-matching Euler sampler's first step"
+    first_step = (
+        "sigma = 1 (t = 1000), the flow-matching Euler sampler's first step; score_sigma for a fixed one"
+    )
     status = "new: calibrate per model"
     # StableDiffusion3Pipeline.__call__'s default.
     guidance_scale = 7.0
 
-    def __init__(self, components: Any, device: torch.device, dtype: torch.dtype):
-        super().__init__(components, device, dtype)
+    def __init__(
+        self, components: Any, device: torch.device, dtype: torch.dtype, score_sigma: float | None = None
+    ):
+        super().__init__(components, device, dtype, score_sigma)
         self.clip_encoders = [components.modules["text_encoder"], components.modules["text_encoder_2"]]
         self.t5 = components.modules.get("text_encoder_3")
         self.joint_dim = int(self.denoiser.config.joint_attention_dim)
@@ -328,12 +359,21 @@ class StableDiffusion3Family(ModelFamily):
             slope = (max_shift - base_shift) / (max_len - base_len)
             kwargs["mu"] = (height // patch) * (width // patch) * slope + base_shift - slope * base_len
         scheduler.set_timesteps(magnitude.NUM_INFERENCE_STEPS, **kwargs)
+        # The trajectory's noise levels, sigma_0 = 1 (x_T) down to 0; `step` walks them.
+        self.sigmas = scheduler.sigmas.cpu().float()
         return scheduler
+
+    def score_at_sigma(self, sigma):
+        # One CFG Euler step from x_T (sigma 1) straight to sigma, scored there; later steps (steps > 1) go on down
+        # the sampler's own sigmas below it. bench/detection_flow.py measured this quantity (BENCHMARKS.md §3b).
+        below = self.sigmas[self.sigmas < sigma]
+        self.sigmas = torch.cat([torch.tensor([1.0, sigma], dtype=torch.float32), below])
+        self.timesteps = self.sigmas[:-1] * float(self.scheduler.config.num_train_timesteps)
+        self.lead_in_steps = 1
 
     def step(self, guided, index, sample):
         # FlowMatchEulerDiscreteScheduler.step without its step counter: x + (sigma_next - sigma) * v in float32.
-        sigmas = self.scheduler.sigmas
-        delta = float(sigmas[index + 1] - sigmas[index])
+        delta = float(self.sigmas[index + 1] - self.sigmas[index])
         return (sample.float() + delta * guided.float()).to(guided.dtype)
 
     def encode(self, input_ids, attention_mask):
@@ -386,8 +426,10 @@ class PixArtFamily(ModelFamily):
     # PixArtSigmaPipeline.__call__'s default.
     guidance_scale = 4.5
 
-    def __init__(self, components: Any, device: torch.device, dtype: torch.dtype):
-        super().__init__(components, device, dtype)
+    def __init__(
+        self, components: Any, device: torch.device, dtype: torch.dtype, score_sigma: float | None = None
+    ):
+        super().__init__(components, device, dtype, score_sigma)
         self.text_encoder = components.text_encoder
         latent_channels = self.latent_shape[0]
         self.learned_sigma = int(self.denoiser.config.out_channels) // 2 == latent_channels
@@ -453,10 +495,19 @@ FAMILIES: dict[str, type[ModelFamily]] = {
 }
 
 
-def build_family(components: Any, device: torch.device, dtype: torch.dtype) -> ModelFamily:
+def check_score_sigma(sigma: float) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0.0 < float(sigma) <= 1.0:
+        raise ConfigError(f"score_sigma must be a number in (0, 1], got {sigma!r}; e.g. --score-sigma 0.94.")
+    return float(sigma)
+
+
+def build_family(
+    components: Any, device: torch.device, dtype: torch.dtype, score_sigma: float | None = None
+) -> ModelFamily:
+    """The family of `components`; score_sigma (flow matching only): score at that noise level, see score_at_sigma."""
     if components.family not in FAMILIES:
         raise ConfigError(f"unknown model family {components.family!r}; known: {', '.join(FAMILIES)}.")
-    return FAMILIES[components.family](components, device, dtype)
+    return FAMILIES[components.family](components, device, dtype, score_sigma)
 
 
 __all__ = [

@@ -57,6 +57,15 @@ def check_mitigate_args(target: float, lr: float, max_iters: int) -> None:
         raise ConfigError(f"max_iters must be an int >= 0, got {max_iters!r} (the paper uses 10).")
 
 
+def require_sampler_from_x_T(scorer: Scorer, what: str) -> None:
+    """mitigate and sampling run the model's own sampler from x_T; a fixed-sigma scorer walks another trajectory."""
+    if scorer.family.lead_in_steps:
+        raise ConfigError(
+            f"{what} works at the sampler's first step (sigma = 1) with its own schedule; this scorer scores at "
+            f"sigma {scorer.family.score_sigma:g}. Load the model without score_sigma (drop --score-sigma)."
+        )
+
+
 def float32_unet(scorer: Scorer) -> torch.nn.Module:
     """The scorer's UNet when it is float32, else a float32 copy of it (made once per scorer, then reused).
 
@@ -118,6 +127,7 @@ def mitigate(
     """
     # 1. Check inputs
     check_mitigate_args(target, lr, max_iters)
+    require_sampler_from_x_T(scorer, "mitigate")
     x_T = scorer.check_score_args(generations, 1, seed, None)
     tokenized = tokenize_one_caption(scorer.caption_tokenizer, caption, "explain or mitigate")
     family = scorer.family
@@ -190,6 +200,7 @@ def sample_latents(
     prompt_embeds: conditioning of 1 or n rows (SD: (1 or n, L, D) embeddings), any dtype; x_T: (n, C, H, W).
     steps < 50 stops early on the 50-step schedule. guidance_scale None: the family's (7.5 for SD, the paper's).
     """
+    require_sampler_from_x_T(scorer, "sampling")
     family = scorer.family
     scale = family.guidance_scale if guidance_scale is None else guidance_scale
     n = x_T.shape[0]

@@ -56,7 +56,12 @@ class Scorer:
     """Scores captions with one model. Build with `Scorer.from_pretrained`; reuse it for many batches."""
 
     def __init__(
-        self, components: ModelComponents, device: torch.device, dtype: torch.dtype, batch_size: int = 32
+        self,
+        components: ModelComponents,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int = 32,
+        score_sigma: float | None = None,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
@@ -64,7 +69,7 @@ class Scorer:
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
-        self.family: ModelFamily = build_family(components, device, dtype)
+        self.family: ModelFamily = build_family(components, device, dtype, score_sigma)
         # The family's main tokenizer / text encoder and its denoiser (a UNet or a transformer).
         self.tokenizer = components.tokenizer
         self.caption_tokenizer = self.family.tokenizer
@@ -81,6 +86,7 @@ class Scorer:
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "batch_size": batch_size,
+            "score_sigma": self.family.score_sigma,
             "cuda_graphs": False,
             "channels_last": False,
             "torch": torch.__version__,
@@ -108,13 +114,15 @@ class Scorer:
         batch_size: int = 32,
         storage_options: dict[str, Any] | None = None,
         cuda_graphs: bool | None = None,
+        score_sigma: float | None = None,
     ) -> Scorer:
         """Load a diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, PixArt; the family from model_index.json): local
         path, hub id, or fsspec URI (s3://bucket/model).
 
         device None picks CUDA when present; dtype None picks fp16 on CUDA and fp32 on CPU.
         cuda_graphs None captures CUDA graphs for `batch_size` when on CUDA; True off CUDA is an error.
-        Weights load from safetensors only.
+        score_sigma (flow-matching families only) scores at that noise level instead of sigma = 1: one CFG Euler
+        step from x_T to sigma, then the magnitude there. Weights load from safetensors only.
         """
         started = time.perf_counter()
         resolved_device = resolve_device(device)
@@ -132,7 +140,9 @@ class Scorer:
             raise ConfigError(
                 f"cuda_graphs=True needs a CUDA device, got {resolved_device}; pass --no-cuda-graphs."
             )
-        scorer = cls(components, resolved_device, resolved_dtype, batch_size=batch_size)
+        scorer = cls(
+            components, resolved_device, resolved_dtype, batch_size=batch_size, score_sigma=score_sigma
+        )
         if resolved_device.type == "cuda":
             scorer.optimize_for_cuda(cuda_graphs=cuda_graphs is not False)
         logger.info("scorer runtime: %s", scorer.runtime)
@@ -343,8 +353,9 @@ class Scorer:
         """Validate the score options and return x_T (n, C, H, W) float32."""
         if not isinstance(generations, int) or generations < 1:
             raise ConfigError(f"generations must be an int >= 1, got {generations!r}.")
-        if not isinstance(steps, int) or not 1 <= steps <= magnitude.NUM_INFERENCE_STEPS:
-            raise ConfigError(f"steps must be an int in 1..{magnitude.NUM_INFERENCE_STEPS}, got {steps!r}.")
+        most = self.family.scorable_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= most:
+            raise ConfigError(f"steps must be an int in 1..{most}, got {steps!r}.")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ConfigError(f"seed must be an int >= 0, got {seed!r}.")
         if latents is None:
@@ -364,16 +375,17 @@ class Scorer:
 
         Step 0 reuses the cached uncond output (one denoiser row per caption); later steps of a multi-step score
         run [uncond; cond] on the per-caption trajectory, as the pipeline's CFG loop does, with the family's
-        sampler and guidance scale.
+        sampler and guidance scale. The family's lead-in steps (a fixed-sigma score) are walked but not scored.
         """
         prompt_embeds = self.as_conditioning(prompt_embeds)
         family = self.family
         batch = len(prompt_embeds)
         total = torch.zeros(batch, dtype=torch.float32, device=self.device)
         x_T_device = x_T.to(self.device, self.dtype)
+        lead_in = family.lead_in_steps
         for k in range(x_T.shape[0]):
             sample = x_T_device[k : k + 1].expand(batch, -1, -1, -1).contiguous()
-            for index, timestep in enumerate(self.timesteps[:steps]):
+            for index, timestep in enumerate(self.timesteps[: lead_in + steps]):
                 if index == 0:
                     uncond, key = self._uncond_first_output(x_T[k : k + 1])
                     replaying = self.prefix_cache.replaying(key) if self.prefix_cache else nullcontext()
@@ -386,10 +398,11 @@ class Scorer:
                         torch.cat([sample, sample]), timestep, Conditioning.cat(empty, prompt_embeds)
                     )
                     uncond, cond = both.chunk(2)
-                scored_cond = family.scored_output(cond, sample, timestep)
-                scored_uncond = family.scored_output(uncond, sample, timestep)
-                total += magnitude.per_sample_l2(scored_cond.float() - scored_uncond.float())
-                if index + 1 < steps:
+                if index >= lead_in:
+                    scored_cond = family.scored_output(cond, sample, timestep)
+                    scored_uncond = family.scored_output(uncond, sample, timestep)
+                    total += magnitude.per_sample_l2(scored_cond.float() - scored_uncond.float())
+                if index + 1 < lead_in + steps:
                     guided = magnitude.guided_output(uncond, cond, family.guidance_scale)
                     sample = family.step(guided, index, sample)
         return total / (x_T.shape[0] * steps)

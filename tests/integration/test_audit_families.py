@@ -94,3 +94,48 @@ def test_audit_calibrate_explain_filter_on_each_family(
     )
     kept = pads.dataset(str(tmp_path / "clean")).to_table()
     assert kept.num_rows == len(CAPTIONS) - len(flagged)
+
+
+def test_sd3_audit_at_a_fixed_sigma(ray_local, family_model_dirs, tmp_path, capsys, caplog):
+    """--score-sigma on SD3 end to end: calibrate, the audit's scores and records, a threshold calibrated at
+    sigma 1 warned about, and a rerun without the flag re-audits rather than reusing the rows."""
+    from auditor.pipeline.audit import run
+
+    model = family_model_dirs["sd3"]
+    scorer = Scorer.from_pretrained(model, device="cpu", dtype="fp32", score_sigma=0.94)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "captions.txt").write_text("\n".join(CAPTIONS[:3]) + "\n")
+    (tmp_path / "clean.txt").write_text("\n".join(CLEAN) + "\n")
+    for name, extra in (("sigma1.json", []), ("sigma094.json", ["--score-sigma", "0.94"])):
+        assert main(["calibrate", "--model", str(model), "--reference", str(tmp_path / "clean.txt"),
+                     "--fpr", "0.2", "--out", str(tmp_path / name), *extra]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "sigma094.json").read_text())["score_sigma"] == 0.94
+    assert json.loads((tmp_path / "sigma1.json").read_text())["score_sigma"] is None
+
+    def audit(threshold_file: str, *extra: str) -> list[dict]:
+        argv = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(model), "--dtype", "fp32",
+                "--threshold-file", str(tmp_path / threshold_file), "--quiet", *extra]  # fmt: skip
+        with caplog.at_level("WARNING"):
+            assert run(AuditConfig.from_argv(argv)).exit_code == 0
+        table = pads.dataset(str(tmp_path / "out" / "scores"), partitioning="hive").to_table()
+        return sorted(table.to_pylist(), key=lambda r: r[schema.ROW])
+
+    rows = audit("sigma1.json", "--score-sigma", "0.94")
+    np.testing.assert_allclose([r[schema.SCORE] for r in rows], scorer.score(CAPTIONS[:3]), rtol=1e-5)
+    summary = json.loads((tmp_path / "out" / "_audit.json").read_text())
+    assert summary["config"]["score_sigma"] == 0.94
+    assert {a["score_sigma"] for a in summary["runtime"]["actors"]} == {0.94}
+    assert "calibrated with other score options (score_sigma None there, 0.94 here)" in caplog.text
+    assert "score_sigma None there, 0.94 here" in (tmp_path / "out" / "report.html").read_text()
+    caplog.clear()
+    # Without the flag the rows' scores change, so the ledger does not reuse them.
+    rows = audit("sigma1.json")
+    plain = Scorer.from_pretrained(model, device="cpu", dtype="fp32").score(CAPTIONS[:3])
+    np.testing.assert_allclose([r[schema.SCORE] for r in rows], plain, rtol=1e-5)
+    assert "other score options" not in caplog.text
+    capsys.readouterr()
+    assert main(["score", "--model", str(model), "--json", "--score-sigma", "0.94", CAPTIONS[0]]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert printed["score"] == pytest.approx(float(scorer.score(CAPTIONS[:1])[0]), rel=1e-5)
+    assert main(["score", "--model", str(family_model_dirs["sdxl"]), "--score-sigma", "0.94", "a cat"]) == 2
+    assert "--score-sigma 0.94 applies to flow-matching models (SD3 / SD3.5)" in capsys.readouterr().err

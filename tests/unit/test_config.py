@@ -22,6 +22,7 @@ def test_flags_are_field_names_in_kebab_case():
     cfg = AuditConfig.from_argv(
         ["a.parquet", "b.jsonl", "out", "--model", "m", "--caption-column", "text", "--id-column", "key",
          "--keep-columns", "url,width", "--generations", "2", "--steps", "3", "--seed", "7", "--threshold", "1.5",
+         "--score-sigma", "0.94",
          "--batch-size", "8", "--actors", "2", "--cpus-per-actor", "0.5", "--gpus-per-actor", "0", "--dtype", "fp32",
          "--storage-option", "endpoint_url=http://h:9", "--storage-option", "anon=false", "--force",
          "--explain-flagged", "--quiet", "--num-cpus", "4", "--format", "jsonl"]
@@ -30,6 +31,7 @@ def test_flags_are_field_names_in_kebab_case():
     assert cfg.keep_columns == ("url", "width")
     assert cfg.storage_options == {"endpoint_url": "http://h:9", "anon": False}
     assert (cfg.generations, cfg.steps, cfg.seed, cfg.threshold, cfg.batch_size) == (2, 3, 7, 1.5, 8)
+    assert cfg.score_sigma == 0.94
     assert cfg.force and cfg.explain_flagged and cfg.quiet and cfg.format == "jsonl"
     option_strings = {o for a in audit_parser()._actions for o in a.option_strings}
     for f in dataclasses.fields(AuditConfig):
@@ -52,6 +54,8 @@ def test_to_json_round_trips():
         ({"threshold": 1.0, "threshold_file": "t.json"}, "not both"),
         ({"threshold": float("nan")}, "finite"),
         ({"steps": 0}, r"--steps must be an int in 1\.\.50, got 0"),
+        ({"score_sigma": 0.0}, r"--score-sigma must be a number in \(0, 1\], got 0\.0"),
+        ({"score_sigma": 1.5}, r"--score-sigma must be a number in \(0, 1\], got 1\.5"),
         ({"generations": 0}, "--generations must be an int >= 1"),
         ({"batch_size": 0}, "--batch-size"),
         ({"actors": 0}, "--actors"),

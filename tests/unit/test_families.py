@@ -160,6 +160,91 @@ def test_sd3_second_step_follows_the_flow_match_euler_sampler(family_model_dirs,
     assert got == pytest.approx((first + second) / 2, rel=1e-4)
 
 
+def sd3_trajectory_magnitudes(pipe, caption: str, x: torch.Tensor, sigmas: list[float]) -> list[float]:
+    """||v_c - v_u|| at each sigma of a CFG-7.0 Euler trajectory from x at sigma 1, through the pipeline's own
+    encode_prompt and transformer; sigmas starts with 1.0."""
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(caption, None, None, device="cpu")
+    magnitudes = []
+    with torch.no_grad():
+        for index, sigma in enumerate(sigmas):
+            t = torch.tensor([1000.0 * sigma])
+            v_c, v_u = (
+                pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e, pooled_projections=p)[
+                    0
+                ]
+                for e, p in ((embeds, pooled), (negative, negative_pooled))
+            )
+            magnitudes.append(float(magnitude.per_sample_l2(v_c - v_u)))
+            if index + 1 < len(sigmas):
+                x = x + (sigmas[index + 1] - sigma) * (v_u + 7.0 * (v_c - v_u))
+    return magnitudes
+
+
+@pytest.fixture(scope="module")
+def sd3_at_fixed_sigma(family_model_dirs):
+    return Scorer.from_pretrained(family_model_dirs["sd3"], device="cpu", dtype="fp32", score_sigma=0.94)
+
+
+def test_sd3_at_a_fixed_sigma_scores_after_one_euler_step_and_goes_on_down_the_sampler(
+    family_model_dirs, scorers, sd3_at_fixed_sigma
+):
+    """--score-sigma 0.94: one CFG Euler step from x_T (sigma 1) to 0.94, scored there; steps=2 also scores the
+    sampler's first sigma below 0.94."""
+    pipe = load_pipeline(family_model_dirs["sd3"])
+    x = torch.randn(1, *sd3_at_fixed_sigma.latent_shape, generator=torch.Generator().manual_seed(2))
+    _, scheduler = first_timestep_and_scheduler(pipe, "sd3")
+    below = float(scheduler.sigmas[scheduler.sigmas < 0.94][0])
+    at_1, at_fixed, at_below = sd3_trajectory_magnitudes(pipe, CAPTIONS[0], x, [1.0, 0.94, below])
+    assert sd3_at_fixed_sigma.score(CAPTIONS[:1], latents=x)[0] == pytest.approx(at_fixed, rel=1e-4)
+    two = sd3_at_fixed_sigma.score(CAPTIONS[:1], steps=2, latents=x)[0]
+    assert two == pytest.approx((at_fixed + at_below) / 2, rel=1e-4)
+    assert scorers["sd3"].score(CAPTIONS[:1], latents=x)[0] == pytest.approx(at_1, rel=1e-4)
+    assert abs(at_fixed - at_1) > 1e-3 * at_1  # the flag changes what is scored
+    # Batching, duplicates and the shared first unconditional row still hold on the longer trajectory.
+    alone = np.array([sd3_at_fixed_sigma.score([c], generations=2)[0] for c in CAPTIONS])
+    together = sd3_at_fixed_sigma.score(
+        [CAPTIONS[3], CAPTIONS[0], CAPTIONS[0], *CAPTIONS[1:3]], generations=2
+    )
+    np.testing.assert_allclose(together, alone[[3, 0, 0, 1, 2]], rtol=1e-5, atol=1e-5)
+    assert sd3_at_fixed_sigma.runtime["score_sigma"] == 0.94
+    assert Scorer.from_pretrained(
+        family_model_dirs["sd3"], device="cpu", dtype="fp32", score_sigma=1.0
+    ).score(CAPTIONS[:1], latents=x)[0] == pytest.approx(at_1, rel=1e-5)
+
+
+def test_explain_at_a_fixed_sigma_explains_the_magnitude_it_scores(sd3_at_fixed_sigma):
+    from auditor.scoring.explain import explain
+
+    caption = "a red cat sitting in a park"
+    result = explain(sd3_at_fixed_sigma, caption, generations=2)
+    expected = float(sd3_at_fixed_sigma.score([caption], generations=2)[0])
+    assert result.magnitude == pytest.approx(expected, rel=1e-4)
+    assert (result.significance > 0).all()
+
+
+def test_a_fixed_sigma_is_refused_where_it_does_not_apply(
+    family_model_dirs, tiny_model_dir, sd3_at_fixed_sigma
+):
+    from auditor.errors import ConfigError
+    from auditor.scoring.mitigate import mitigate, sample_latents
+
+    for folder in (tiny_model_dir, family_model_dirs["pixart-sigma"]):
+        with pytest.raises(ConfigError, match=r"--score-sigma 0\.9 applies to flow-matching models .* Drop"):
+            Scorer.from_pretrained(folder, device="cpu", dtype="fp32", score_sigma=0.9)
+    with pytest.raises(ConfigError, match=r"score_sigma must be a number in \(0, 1\], got 0"):
+        Scorer.from_pretrained(family_model_dirs["sd3"], device="cpu", dtype="fp32", score_sigma=0)
+    with pytest.raises(ConfigError, match=r"steps must be an int in 1\.\.\d+, got 50"):
+        sd3_at_fixed_sigma.score(["a cat"], steps=50)
+    # mitigate and sampling run the model's own sampler from x_T, not the fixed-sigma trajectory.
+    with pytest.raises(
+        ConfigError, match=r"mitigate works at the sampler's first step .*\(drop --score-sigma\)"
+    ):
+        mitigate(sd3_at_fixed_sigma, "a cat", target=0.1)
+    cond = sd3_at_fixed_sigma.condition_tokens(sd3_at_fixed_sigma.tokenize(["a cat"]))
+    with pytest.raises(ConfigError, match="sampling works at the sampler's first step"):
+        sample_latents(sd3_at_fixed_sigma, cond, sd3_at_fixed_sigma.initial_latents(1, 0))
+
+
 def test_family_is_recorded_in_the_runtime(scorers):
     assert {name: scorers[name].runtime["family"] for name in FAMILIES} == {
         "sdxl": "sdxl", "sd3": "sd3", "sd3-no-t5": "sd3", "pixart-sigma": "pixart-sigma",

@@ -10,7 +10,12 @@ import torch
 
 from auditor import Scorer
 from auditor.report.metrics import detection_metrics
-from auditor.toy.flow_check import load_flow_pipeline, reference_velocity_magnitudes, sample_with_pipeline
+from auditor.toy.flow_check import (
+    FIXED_SIGMA,
+    load_flow_pipeline,
+    reference_velocity_magnitudes,
+    sample_with_pipeline,
+)
 from auditor.toy.manifest import load_manifest
 from auditor.toy.shipped import shipped_model_dir
 
@@ -40,6 +45,21 @@ def test_scorer_equals_the_pipeline_reference_on_the_flow_toy(flow_toy):
     np.testing.assert_allclose(
         scorer.score(captions, generations=2, steps=2), reference.mean(axis=1), rtol=1e-4, atol=1e-5
     )
+
+
+def test_score_sigma_scores_what_the_detection_benchmark_measured_and_detects(flow_toy):
+    """`--score-sigma 0.94` is bench/detection_flow.py's fixed-sigma column: the reference's second point of the
+    trajectory [1, 0.94]; it detects on the flow toy too (BENCHMARKS.md §3b)."""
+    folder, _, manifest = flow_toy
+    scorer = Scorer.from_pretrained(folder, device="cpu", dtype="fp32", score_sigma=FIXED_SIGMA)
+    captions = [*manifest.memorized[:3], *manifest.held_out[:3]]
+    reference = reference_velocity_magnitudes(
+        load_flow_pipeline(folder), captions, generations=2, steps=2, sigmas=[1.0, FIXED_SIGMA]
+    ).numpy()
+    np.testing.assert_allclose(scorer.score(captions, generations=2), reference[:, 1], rtol=1e-4, atol=1e-5)
+    memorized = scorer.score(list(manifest.memorized))
+    metrics = detection_metrics(memorized, scorer.score(list(manifest.held_out)), fpr=0.01)
+    assert metrics.auc >= 0.95 and metrics.tpr_at_fpr >= 0.9, metrics
 
 
 def test_euler_sampling_from_noise_reproduces_memorized_training_latents(flow_toy):
