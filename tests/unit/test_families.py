@@ -424,6 +424,24 @@ def test_a_threshold_file_from_another_family_or_model_is_warned(caplog):
         warn_if_calibrated_elsewhere(
             threshold_from({"model_family": "sd3", "model_fingerprint": "b" * 64}), "sd3", "b" * 64
         )
-        # A file written before families existed was calibrated on an SD model.
-        warn_if_calibrated_elsewhere(threshold_from({"model_fingerprint": "b" * 64}), "sd", "b" * 64)
+        # A file written before families existed was calibrated on an SD model; before score_sigma, at sigma 1.
+        warn_if_calibrated_elsewhere(
+            threshold_from({"model_fingerprint": "b" * 64, "steps": 1}),
+            "sd",
+            "b" * 64,
+            {"steps": 1, "score_sigma": None},
+        )
     assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        warn_if_calibrated_elsewhere(
+            threshold_from(
+                {"model_family": "sd3", "model_fingerprint": "b" * 64, "steps": 1, "generations": 1}
+            ),
+            "sd3",
+            "b" * 64,
+            {"generations": 4, "steps": 1, "score_sigma": 0.94},
+        )
+    assert (
+        "t.json was calibrated with other score options (generations 1 there, 4 here, score_sigma None "
+        in (caplog.text)
+    )
