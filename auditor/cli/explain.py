@@ -108,16 +108,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mitigate.set_defaults(handler=run_mitigate)
 
 
-def load_scorer(args: argparse.Namespace):
+def load_scorer(args: argparse.Namespace, score_sigma: float | None = None):
     from auditor.scoring import Scorer
 
     # One caption: CUDA graphs for a batch would cost more to capture than they save.
     return Scorer.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        cuda_graphs=False,
-        score_sigma=getattr(args, "score_sigma", None),
+        args.model, device=args.device, dtype=args.dtype, cuda_graphs=False, score_sigma=score_sigma
     )
 
 
@@ -136,7 +132,7 @@ def display_token(token: str) -> str:
 def run_explain(args: argparse.Namespace) -> int:
     from auditor.scoring.explain import explain
 
-    scorer = load_scorer(args)
+    scorer = load_scorer(args, args.score_sigma)
     result = explain(scorer, args.caption, generations=args.generations, steps=args.steps, seed=args.seed)
     if args.json:
         row = {

@@ -222,6 +222,32 @@ def test_explain_at_a_fixed_sigma_explains_the_magnitude_it_scores(sd3_at_fixed_
     assert (result.significance > 0).all()
 
 
+def test_explain_cli_takes_score_sigma_and_mitigate_does_not(family_model_dirs, sd3_at_fixed_sigma, capsys):
+    from auditor.cli import main
+
+    caption = "a red cat sitting in a park"
+    model = str(family_model_dirs["sd3"])
+    assert main(["explain", "--model", model, "--score-sigma", "0.94", "--json", caption]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["magnitude"] == pytest.approx(float(sd3_at_fixed_sigma.score([caption])[0]), rel=1e-4)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "mitigate",
+                "--model",
+                model,
+                caption,
+                "--target",
+                "1",
+                "--out",
+                "e.safetensors",
+                "--score-sigma",
+                "0.9",
+            ]
+        )
+    assert exit_info.value.code == 2 and "unrecognized arguments: --score-sigma" in capsys.readouterr().err
+
+
 def test_a_fixed_sigma_is_refused_where_it_does_not_apply(
     family_model_dirs, tiny_model_dir, sd3_at_fixed_sigma
 ):
