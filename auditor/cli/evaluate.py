@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         if similarity is not None:
             print(json.dumps({"memorization_check": similarity}))
         return 0
-    print(f"model {args.model}  (memorized = positive; seed {args.seed})")
+    sigma = "" if args.score_sigma is None else f"; scored at sigma {args.score_sigma:g}"
+    print(f"model {args.model}  (memorized = positive; seed {args.seed}{sigma})")
     print(format_evaluation_table(rows))
     if similarity is not None:
         print(

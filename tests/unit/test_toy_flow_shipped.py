@@ -62,6 +62,16 @@ def test_score_sigma_scores_what_the_detection_benchmark_measured_and_detects(fl
     assert metrics.auc >= 0.95 and metrics.tpr_at_fpr >= 0.9, metrics
 
 
+def test_evaluate_cli_at_a_fixed_sigma_reports_it(flow_toy, capsys):
+    from auditor.cli import main
+
+    folder, _, _ = flow_toy
+    argv = ["evaluate", "--model", str(folder), "--score-sigma", "0.94", "--steps", "1", "--no-similarity"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "scored at sigma 0.94" in out and "| held-out | 1 | 1 |" in out
+
+
 def test_euler_sampling_from_noise_reproduces_memorized_training_latents(flow_toy):
     folder, _, manifest = flow_toy
     samples = sample_with_pipeline(load_flow_pipeline(folder), list(manifest.memorized[:8]))
