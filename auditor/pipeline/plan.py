@@ -35,11 +35,12 @@ RESULT_FIELDS = (
     "format",
     "generations",
     "steps",
-    "score_sigma",
     "seed",
     "dtype",
     "explain_flagged",
 )
+# Result fields added later, in the fingerprint only when set (None: the behaviour from before they existed).
+OPTIONAL_RESULT_FIELDS = ("compression", "score_sigma")
 PEEK_THREADS = 16
 # Files whose columns the driver reads before Ray starts (footers or first lines): enough to catch a typo.
 COLUMN_CHECK_FILES = 8
@@ -128,9 +129,10 @@ def run_fingerprint(cfg: AuditConfig, model_fingerprint: str, threshold: Thresho
     """sha256 of the model and every option that changes output rows: a ledger record is reused only on a match."""
     payload = {name: getattr(cfg, name) for name in RESULT_FIELDS}
     payload.update(model=model_fingerprint, threshold=threshold.value)
-    if cfg.compression is not None:
-        # Only when given, so that audits from before --compression existed keep their fingerprint.
-        payload["compression"] = cfg.compression
+    # Only when given, so that audits from before these options existed keep their fingerprint (and their rows).
+    for name in OPTIONAL_RESULT_FIELDS:
+        if getattr(cfg, name) is not None:
+            payload[name] = getattr(cfg, name)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 

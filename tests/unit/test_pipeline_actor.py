@@ -291,3 +291,22 @@ def test_columns_are_checked_on_a_sample_and_other_files_fail_alone(tmp_path, ti
     for i in range(2, 20):
         (tmp_path / "in" / f"f{i:02d}.parquet").unlink()
     assert "has no column 'caption'; columns are: TEXT" in plan_audit(cfg).unreadable[lacking.source]
+
+
+def test_options_added_later_keep_the_fingerprint_of_audits_from_before_them(tmp_path):
+    """An output audited before --score-sigma existed is not re-audited after an upgrade: unset, it stays out of the
+    fingerprint; set, it changes it."""
+    import hashlib
+
+    cfg = AuditConfig(inputs=("in/",), output=str(tmp_path / "out"), model="m", threshold=1.5)
+    threshold = resolve_threshold(cfg)
+    # The payload as run_fingerprint built it before --score-sigma (and --compression, unset here) existed.
+    before = ("caption_column", "id_column", "keep_columns", "format", "generations", "steps", "seed", "dtype",
+              "explain_flagged")  # fmt: skip
+    payload = {name: getattr(cfg, name) for name in before} | {"model": "f" * 64, "threshold": 1.5}
+    old = hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
+    assert plan_mod.run_fingerprint(cfg, "f" * 64, threshold) == old
+    at_sigma = AuditConfig(
+        inputs=("in/",), output=str(tmp_path / "out"), model="m", threshold=1.5, score_sigma=0.94
+    )
+    assert plan_mod.run_fingerprint(at_sigma, "f" * 64, threshold) != old
