@@ -351,7 +351,7 @@ class StableDiffusion3Family(ModelFamily):
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
             # StableDiffusion3Pipeline.__call__: mu from the image's sequence length (calculate_shift).
-            _, height, width = self.read_latent_shape()
+            _, height, width = self.latent_shape
             patch = int(self.denoiser.config.patch_size)
             config = scheduler.config
             base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)

@@ -160,26 +160,6 @@ def test_sd3_second_step_follows_the_flow_match_euler_sampler(family_model_dirs,
     assert got == pytest.approx((first + second) / 2, rel=1e-4)
 
 
-def sd3_trajectory_magnitudes(pipe, caption: str, x: torch.Tensor, sigmas: list[float]) -> list[float]:
-    """||v_c - v_u|| at each sigma of a CFG-7.0 Euler trajectory from x at sigma 1, through the pipeline's own
-    encode_prompt and transformer; sigmas starts with 1.0."""
-    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(caption, None, None, device="cpu")
-    magnitudes = []
-    with torch.no_grad():
-        for index, sigma in enumerate(sigmas):
-            t = torch.tensor([1000.0 * sigma])
-            v_c, v_u = (
-                pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e, pooled_projections=p)[
-                    0
-                ]
-                for e, p in ((embeds, pooled), (negative, negative_pooled))
-            )
-            magnitudes.append(float(magnitude.per_sample_l2(v_c - v_u)))
-            if index + 1 < len(sigmas):
-                x = x + (sigmas[index + 1] - sigma) * (v_u + 7.0 * (v_c - v_u))
-    return magnitudes
-
-
 @pytest.fixture(scope="module")
 def sd3_at_fixed_sigma(family_model_dirs):
     return Scorer.from_pretrained(family_model_dirs["sd3"], device="cpu", dtype="fp32", score_sigma=0.94)
@@ -190,11 +170,15 @@ def test_sd3_at_a_fixed_sigma_scores_after_one_euler_step_and_goes_on_down_the_s
 ):
     """--score-sigma 0.94: one CFG Euler step from x_T (sigma 1) to 0.94, scored there; steps=2 also scores the
     sampler's first sigma below 0.94."""
+    from auditor.toy.flow_check import reference_velocity_magnitudes
+
     pipe = load_pipeline(family_model_dirs["sd3"])
-    x = torch.randn(1, *sd3_at_fixed_sigma.latent_shape, generator=torch.Generator().manual_seed(2))
     _, scheduler = first_timestep_and_scheduler(pipe, "sd3")
     below = float(scheduler.sigmas[scheduler.sigmas < 0.94][0])
-    at_1, at_fixed, at_below = sd3_trajectory_magnitudes(pipe, CAPTIONS[0], x, [1.0, 0.94, below])
+    # The pipeline-level reference (its own encode_prompt and transformer, CFG 7.0 Euler) on x_T of seed 2.
+    reference = reference_velocity_magnitudes(pipe, CAPTIONS[:1], seed=2, steps=3, sigmas=[1.0, 0.94, below])
+    at_1, at_fixed, at_below = (float(v) for v in reference[0])
+    x = sd3_at_fixed_sigma.initial_latents(1, 2)
     assert sd3_at_fixed_sigma.score(CAPTIONS[:1], latents=x)[0] == pytest.approx(at_fixed, rel=1e-4)
     two = sd3_at_fixed_sigma.score(CAPTIONS[:1], steps=2, latents=x)[0]
     assert two == pytest.approx((at_fixed + at_below) / 2, rel=1e-4)
