@@ -17,10 +17,16 @@ import torch  # noqa: E402
 # worker, so that fixture starts once: a local Ray (ray_local), the drills' 2-node cluster, the trained toy.
 FIXTURE_GROUPS = {
     "drills": "drills",
+    "ray_cluster": "drills",
     "ray_local": "ray_local",
     "toy_model_dir": "toy_model",
     "flow_toy": "flow_toy",
 }
+# Tests that start a Ray cluster of their own (the `ray_cluster` fixture, or the `own_ray_cluster` mark, whose
+# argument names the group) run one after another on the worker of a group that holds a Ray already: with three
+# multi-node Rays at once on 2 cores (load average 18), `ray start` timed out registering a raylet (Ray allows it
+# 30 s) and a drill's 60 s stall watchdog fired before the score actor was up (2026-12-01, one whole run).
+OWN_CLUSTER_GROUP = "drills"
 # Sent to the workers first, in this order (with --no-loadscope-reorder): the single-threaded toy rebuild (the
 # longest test) on a worker of its own from the start, then the two longest groups; the rest fills in behind.
 FIRST = ("test_rebuild_from_scratch_matches_the_shipped_model",)
@@ -36,7 +42,11 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_gpu)
     groups = {}
     for item in items:
-        names = sorted({group for fixture, group in FIXTURE_GROUPS.items() if fixture in item.fixturenames})
+        names = {group for fixture, group in FIXTURE_GROUPS.items() if fixture in item.fixturenames}
+        own_cluster = item.get_closest_marker("own_ray_cluster")
+        if own_cluster is not None:
+            names.add(own_cluster.args[0] if own_cluster.args else OWN_CLUSTER_GROUP)
+        names = sorted(names)
         if names:
             groups[item.nodeid] = "_".join(names)
             item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))

@@ -99,6 +99,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray_cluster("ray_local")  # one node: beside the session's local Ray, not the drills
 def test_ray_job_submit_reads_and_writes_s3(s3_endpoint, tiny_model_dir, tiny_scorer, tmp_path_factory):
     """`ray job submit -- python jobs/audit.py ...` against a local Ray head this test starts and stops."""
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)

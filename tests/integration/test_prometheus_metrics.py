@@ -33,7 +33,8 @@ from auditor.pipeline.audit import run
 
 result = run(AuditConfig(inputs=({input!r},), output={output!r}, model={model!r}, threshold={threshold!r},
                          dtype="fp32", batch_size=4, unit_rows=8, quiet=True, report=False, gpus_per_actor=0))
-print("RESULT " + json.dumps({{"counts": result.counts, "units": result.units_done}}), flush=True)
+heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)  # the score actors' stack
+print("RESULT " + json.dumps({{"counts": result.counts, "units": result.units_done, "heavy": heavy}}), flush=True)
 time.sleep(600)  # stay alive: the driver's last values reach the agent on its next report, then the test kills it
 """
 
@@ -65,6 +66,7 @@ def scrape(
     return values
 
 
+@pytest.mark.own_ray_cluster
 def test_audit_exports_counters_to_prometheus(tmp_path, tiny_model_dir, tiny_scorer):
     (tmp_path / "in").mkdir()
     texts = captions("a scraped photo of a", 17)
@@ -111,6 +113,9 @@ def test_audit_exports_counters_to_prometheus(tmp_path, tiny_model_dir, tiny_sco
             )
             result = json.loads(line[len("RESULT ") :])
             assert result["units"] == 3 and result["counts"]["flagged"] == flagged
+            assert result["heavy"] == [], (
+                f"the driver imported {result['heavy']}; only score actors need them"
+            )
             deadline = time.monotonic() + SCRAPE_TIMEOUT_S
             while True:
                 workers: dict[str, set[str]] = {}

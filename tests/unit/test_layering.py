@@ -47,6 +47,24 @@ def test_worker_modules_do_not_import_torch_or_diffusers():
     assert out.stdout.strip() == "", f"torch/diffusers imported: {out.stdout[:200]}"
 
 
+def test_audit_versions_come_from_package_metadata_without_importing_torch():
+    """_audit.json's versions: the driver reads them from the installed packages, never by importing the model
+    stack (that cost every `auditor audit` about 10 CPU-seconds)."""
+    code = (
+        "import sys\n"
+        "from auditor.pipeline.audit import versions\n"
+        "found = versions()\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))\n"
+        "import diffusers, pyarrow, ray, torch, transformers\n"
+        "for module in (diffusers, pyarrow, ray, torch, transformers):\n"
+        "    assert found[module.__name__] == module.__version__, (module.__name__, found)\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"imported to read versions: {out.stdout[:200]}"
+
+
 def test_lazy_exports_still_work():
     """`auditor.Scorer`, `from auditor.scoring import explain` give the objects, even after the submodules of
     the same name were imported first."""
