@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     write_corpus(root / "in")
     env = {"OMP_NUM_THREADS": "1"}
     rows = []
-    first_run: ProcessSampler | None = None
+    first_run = ProcessSampler() if args.processes else None
     started_cpu, started = machine_cpu_seconds(), time.monotonic()
     with LocalRayCluster(head_cpus=1, worker_cpus=2, env=env) as cluster:
         rows.append(("2-node cluster start", machine_cpu_seconds() - started_cpu, time.monotonic() - started))
@@ -124,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--model", str(model), "--generations", "4", "--batch-size", "4", "--dtype", "fp32",
                 "--unit-rows", "8", "--no-report", "--quiet", "--address", cluster.address,
             ]  # fmt: skip
-            sampler = ProcessSampler() if args.processes and run == 0 else None
+            sampler = first_run if run == 0 else None
             if sampler is not None:
-                first_run = sampler
                 sampler.snapshot()
                 sampler.start()
             cpu, wall = machine_cpu_seconds(), time.monotonic()
