@@ -13,20 +13,20 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Under pytest-xdist (`make test`: --dist loadgroup), the tests that share an expensive per-process fixture run on one
-# worker, so that fixture starts once: a local Ray (ray_local), the drills' 2-node cluster, the trained toy.
-FIXTURE_GROUPS = {
-    "drills": "drills",
-    "ray_cluster": "drills",
-    "ray_local": "ray_local",
-    "toy_model_dir": "toy_model",
-    "flow_toy": "flow_toy",
-}
 # Tests that start a Ray cluster of their own (the `ray_cluster` fixture, or the `own_ray_cluster` mark, whose
 # argument names the group) run one after another on the worker of a group that holds a Ray already: with three
 # multi-node Rays at once on 2 cores (load average 18), `ray start` timed out registering a raylet (Ray allows it
 # 30 s) and a drill's 60 s stall watchdog fired before the score actor was up (2026-12-01, one whole run).
 OWN_CLUSTER_GROUP = "drills"
+# Under pytest-xdist (`make test`: --dist loadgroup), the tests that share an expensive per-process fixture run on one
+# worker, so that fixture starts once: a local Ray (ray_local), the drills' 2-node cluster, the trained toy.
+FIXTURE_GROUPS = {
+    "drills": "drills",
+    "ray_cluster": OWN_CLUSTER_GROUP,
+    "ray_local": "ray_local",
+    "toy_model_dir": "toy_model",
+    "flow_toy": "flow_toy",
+}
 # Sent to the workers first, in this order (with --no-loadscope-reorder): the single-threaded toy rebuild (the
 # longest test) on a worker of its own from the start, then the two longest groups; the rest fills in behind.
 FIRST = ("test_rebuild_from_scratch_matches_the_shipped_model",)
