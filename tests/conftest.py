@@ -27,10 +27,12 @@ FIXTURE_GROUPS = {
     "toy_model_dir": "toy_model",
     "flow_toy": "flow_toy",
 }
-# Sent to the workers first, in this order (with --no-loadscope-reorder): the single-threaded toy rebuild (the
-# longest test) on a worker of its own from the start, then the two longest groups; the rest fills in behind.
+# Sent to the workers first, in this order (with --no-loadscope-reorder): the single-threaded toy rebuild on a
+# worker of its own from the start, then the groups longest first; the rest fills in behind. The toy groups used to
+# sit behind a dozen small modules in the queue and were taken last, by the rebuild's worker: that chain ended the
+# run with one worker busy for its last ~10 min (two whole runs, 2026-12-01; BENCHMARKS.md §5).
 FIRST = ("test_rebuild_from_scratch_matches_the_shipped_model",)
-FIRST_GROUPS = ("drills", "ray_local")
+FIRST_GROUPS = ("drills", "ray_local", "toy_model", "flow_toy")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
@@ -84,6 +86,17 @@ def pytest_configure(config):
     _CONFIG = config
     if hasattr(config, "workerinput"):  # an xdist worker: its collection is what the scheduler groups
         config.pluginmanager.register(XdistGroupSuffix(), "auditor-xdist-group-suffix")
+        share_cores_among_workers(int(config.workerinput["workercount"]))
+
+
+def share_cores_among_workers(workers: int) -> None:
+    """Give each xdist worker its share of the cores for torch, and the same to the processes it starts (CLI
+    drivers; Ray sets its own workers' share). torch defaults to every core in every worker: three workers with two
+    OpenMP threads each on 2 cores, beside Ray, made the toy's mitigation loop 4x slower than one thread
+    (53 s vs 13 s with one other busy process; BENCHMARKS.md §5b). An OMP_NUM_THREADS the caller set is kept."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(threads)))
+    torch.set_num_threads(threads)
 
 
 _CONFIG = None
