@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))  # the tests' LocalRayCl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from ray_cluster import LocalRayCluster, read_proc  # noqa: E402
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -46,25 +48,20 @@ class ProcessSampler(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.first: dict[tuple[str, str], float] = {}
-        self.last: dict[tuple[str, str], tuple[str, float]] = {}
+        self.first: dict[tuple[int, int], float] = {}
+        self.last: dict[tuple[int, int], tuple[str, float]] = {}
         self.stop = threading.Event()
 
     def snapshot(self) -> None:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
+        for entry in os.listdir("/proc"):
+            found = read_proc(int(entry), environ=False) if entry.isdigit() else None
+            if found is None:
                 continue
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            rest = stat[stat.rfind(")") + 2 :].split()
-            key = (pid, rest[19])  # pid and start time: a reused pid is another process
-            seconds = (int(rest[11]) + int(rest[12])) / CLOCK_TICKS
+            info = found[0]
+            key = (info.pid, info.start_ticks)  # a reused pid is another process
+            seconds = info.cpu_ticks / CLOCK_TICKS
             self.first.setdefault(key, seconds)
-            name = (cmd or stat[stat.find("(") + 1 : stat.rfind(")")]).split(" --")[0][:90].strip()
-            self.last[key] = (name, seconds)
+            self.last[key] = ((info.cmdline or info.comm).split(" --")[0][:90].strip(), seconds)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -104,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         "--processes", action="store_true", help="CPU-seconds per process during the first run"
     )
     args = parser.parse_args(argv)
-
-    from ray_cluster import LocalRayCluster
 
     from auditor.toy.models import TINY, build_random_sd
 

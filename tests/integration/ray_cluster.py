@@ -133,28 +133,49 @@ class ProcInfo:
     sid: int
     state: str
     cmdline: str
+    # Clock ticks (os.sysconf("SC_CLK_TCK") a second): user + system CPU so far, and the start after boot, which
+    # tells a reused pid from the process that had it.
+    cpu_ticks: int
+    start_ticks: int
+    # The comm field: the name of a process whose cmdline is empty (a kernel thread, a zombie).
+    comm: str
 
 
-def _read_proc(pid: int) -> tuple[ProcInfo, bytes] | None:
+def read_proc(pid: int, *, environ: bool = True) -> tuple[ProcInfo, bytes] | None:
+    """The process's /proc facts and its raw environment block (b"" with environ=False, which a sampling loop wants:
+    reading every process's environment is the costly part); None when it is gone or not ours to read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read().decode(errors="replace")
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
+        env = b""
+        if environ:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # comm (field 2) may hold spaces and parentheses: the fields after it start at the last ')'.
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
     fields = stat[stat.rindex(")") + 2 :].split()
-    return ProcInfo(pid, int(fields[1]), int(fields[3]), fields[0], cmdline), environ
+    info = ProcInfo(
+        pid=pid,
+        ppid=int(fields[1]),
+        sid=int(fields[3]),
+        state=fields[0],
+        cmdline=cmdline,
+        cpu_ticks=int(fields[11]) + int(fields[12]),
+        start_ticks=int(fields[19]),
+        comm=comm,
+    )
+    return info, env
 
 
 def list_processes() -> Iterator[tuple[ProcInfo, bytes]]:
     """Every live (non-zombie) process: its info and its raw environment block."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            found = _read_proc(int(entry))
+            found = read_proc(int(entry))
             if found is not None and found[0].state != "Z":
                 yield found
 
