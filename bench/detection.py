@@ -3,7 +3,7 @@
 Builds (or reuses) the toy model, then AUC and TPR@1%FPR of memorized vs held-out and vs seen-once captions for
 steps in {1, 5} x generations in {1, 4}, plus the DDIM check that memorized captions reproduce their latent.
 Usage: python bench/detection.py [--model-dir .cache/toy-model] [--preset full] [--seed 0] [--json out.json]
-Run on an otherwise idle machine (the build takes ~10 min on 2 CPU cores when not cached).
+Run on an otherwise idle machine (the build takes ~9 min of one core when not cached).
 """
 
 from __future__ import annotations

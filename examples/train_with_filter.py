@@ -166,7 +166,7 @@ def print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--out", default="runs/train-with-filter", help="folder for the two trained models")
-    parser.add_argument("--preset", default="test", help="toy preset: test (~2 min a run) or full (~10 min)")
+    parser.add_argument("--preset", default="test", help="toy preset: test (~2 min a run) or full (~9 min)")
     parser.add_argument(
         "--threshold", default="0.8", help="magnitude threshold, or auto: 2x the seen-once median (see above)"
     )

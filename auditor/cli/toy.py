@@ -10,7 +10,7 @@ examples:
   auditor toy-model path                                   the full preset shipped with the package (no training)
   auditor toy-model path --family sd3                      the shipped flow-matching (SD3-shaped) toy
   auditor score --model "$(auditor toy-model path)" "a red cat sitting in a park"
-  auditor toy-model build .cache/toy-model                 full preset from scratch (10-15 min on 2 CPU cores)
+  auditor toy-model build .cache/toy-model                 full preset from scratch (~9 min, one core)
   auditor toy-model build /tmp/toy --preset test --seed 1  small fast variant (the tests' fixture)
   auditor toy-model build .cache/toy-model --force         retrain even if a build is cached
   auditor toy-model build .cache/toy-sd3 --family sd3      the SD3-shaped (MMDiT, rectified flow) toy

@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--model-dir",
         default=None,
-        help="build (or reuse) a toy model in this folder instead of using the shipped one (trains: ~10 min)",
+        help="build (or reuse) a toy model in this folder instead of using the shipped one (trains: ~9 min)",
     )
     parser.add_argument("--out", default="runs/demo", help="output folder of the demo")
     parser.add_argument(

@@ -24,8 +24,8 @@ from auditor.toy.shipped import (
 from auditor.toy.train import build_settings, read_build_info, resolve_preset
 
 WEIGHT_SUFFIX = ".safetensors"
-# BENCHMARKS.md §3 (full preset, seed 0): memorized captions reproduce their latent at cosine 0.977 (min 0.950),
-# seen-once ones 0.019; the score separates memorized from held-out and seen-once captions with AUC 1.0.
+# BENCHMARKS.md §3 (full preset, seed 0): memorized captions reproduce their latent at cosine 0.972 (min 0.945),
+# seen-once ones 0.014; the score separates memorized from held-out and seen-once captions with AUC 1.0.
 MIN_MEMORIZED_COSINE_MEAN = 0.95
 MIN_MEMORIZED_COSINE = 0.85
 MAX_SEEN_ONCE_COSINE_MEAN = 0.1
@@ -107,7 +107,7 @@ def assert_matches_shipped(built, info: dict) -> None:
         assert check == {k: v for k, v in shipped_check.items() if k != "seconds"}
         return
     # Another torch build or CPU kernel family (e.g. AVX2 vs AVX512) sums floats in another order: the weights
-    # differ in the last bits and drift apart over 3200 steps, so check what the model is for instead.
+    # differ in the last bits and drift apart over 2000 steps, so check what the model is for instead.
     assert check["memorized_cosine_mean"] >= MIN_MEMORIZED_COSINE_MEAN, check
     assert check["memorized_cosine_min"] >= MIN_MEMORIZED_COSINE, check
     assert check["seen_once_cosine_mean"] <= MAX_SEEN_ONCE_COSINE_MEAN, check
@@ -115,9 +115,9 @@ def assert_matches_shipped(built, info: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # 18.5 min alone on a slow 2-core AVX2 machine; more beside other tests
+@pytest.mark.timeout(3600)  # 9 min of one core on a 2-core AVX2 machine; more beside other tests
 def test_rebuild_from_scratch_matches_the_shipped_model(tmp_path):
-    """Trains the full preset (11-15 min on 2 busy cores) and compares it with the shipped folder."""
+    """Trains the full preset (~9 min of one core, more on busy ones) and compares it with the shipped folder."""
     from auditor.toy.train import build_toy_model
 
     built, info = build_toy_model(tmp_path / "model", SHIPPED_PRESET, seed=SHIPPED_SEED)
