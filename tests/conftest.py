@@ -93,10 +93,11 @@ def share_cores_among_workers(workers: int) -> None:
     """Give each xdist worker its share of the cores for torch, and the same to the processes it starts (CLI
     drivers; Ray sets its own workers' share). torch defaults to every core in every worker: three workers with two
     OpenMP threads each on 2 cores, beside Ray, made the toy's mitigation loop 4x slower than one thread
-    (53 s vs 13 s with one other busy process; BENCHMARKS.md §5a). An OMP_NUM_THREADS the caller set is kept."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(threads)))
-    torch.set_num_threads(threads)
+    (53 s vs 13 s with one other busy process; BENCHMARKS.md §5a). An OMP_NUM_THREADS the caller set is kept, and
+    torch takes its first level ("4,2" is OpenMP's nested form)."""
+    share = max(1, (os.cpu_count() or 1) // workers)
+    given = os.environ.setdefault("OMP_NUM_THREADS", str(share)).split(",")[0].strip()
+    torch.set_num_threads(int(given) if given.isdigit() and int(given) > 0 else share)
 
 
 _CONFIG = None
