@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))  # the tests' LocalRayCl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from ray_cluster import LocalRayCluster, read_proc  # noqa: E402
+from ray_cluster import LocalRayCluster, list_processes  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -53,11 +53,8 @@ class ProcessSampler(threading.Thread):
         self.stop = threading.Event()
 
     def snapshot(self) -> None:
-        for entry in os.listdir("/proc"):
-            found = read_proc(int(entry), environ=False) if entry.isdigit() else None
-            if found is None:
-                continue
-            info = found[0]
+        # Live processes only: a zombie's cmdline is empty, which named the exited driver "python".
+        for info, _ in list_processes(environ=False):
             key = (info.pid, info.start_ticks)  # a reused pid is another process
             seconds = info.cpu_ticks / CLOCK_TICKS
             self.first.setdefault(key, seconds)

@@ -94,7 +94,8 @@ def write_shipped_record(model_dir: str | Path, family: str = "sd") -> Path:
 
 
 def rebuild_shipped(target: Path = SHIPPED_DIR) -> Path:
-    """Train the shipped preset from scratch (about 9 min of one core on a 2-core AVX2 machine) and replace `target` with it."""
+    """Train the shipped preset from scratch (about 9 min of one core on a 2-core AVX2 machine) and replace `target`
+    with it."""
     from auditor.toy.train import build_toy_model
 
     with tempfile.TemporaryDirectory(prefix="toy-shipped-") as scratch:

@@ -171,11 +171,11 @@ def read_proc(pid: int, *, environ: bool = True) -> tuple[ProcInfo, bytes] | Non
     return info, env
 
 
-def list_processes() -> Iterator[tuple[ProcInfo, bytes]]:
-    """Every live (non-zombie) process: its info and its raw environment block."""
+def list_processes(*, environ: bool = True) -> Iterator[tuple[ProcInfo, bytes]]:
+    """Every live (non-zombie) process: its info and its raw environment block (b"" with environ=False)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            found = read_proc(int(entry))
+            found = read_proc(int(entry), environ=environ)
             if found is not None and found[0].state != "Z":
                 yield found
 
