@@ -7,6 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray a test starts (in-process, a CLI run's own, LocalRayCluster's nodes) inherits this: the dashboard agent's
+# node stats (psutil over every worker, each 5 s by default) feed only the dashboard's views, which no test reads;
+# the Prometheus metrics the tests scrape are exported apart from them. An idle 2-node test cluster then takes
+# 5.4 CPU-s a minute instead of 7.6 with its log monitors off too (BENCHMARKS.md §5c).
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 
 from pathlib import Path  # noqa: E402
 
@@ -139,6 +144,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from auditor.toy.models import TINY, build_random_sd
 
     return build_random_sd(tmp_path_factory.mktemp("tiny-eps") / "model", TINY, seed=0)
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory) -> Path:
+    """Random micro SD v1-style model (epsilon prediction), 4x8x8 latents: the integration tests' model. Their
+    checks are on rows, units, files and processes, not on shapes, and each of their ~60 audits scores its
+    captions a third as fast as on the tiny model (0.97 against 3.2 CPU-s for 96 captions x 4 generations, one
+    thread; BENCHMARKS.md §5c)."""
+    from auditor.toy.models import MICRO, build_random_sd
+
+    return build_random_sd(tmp_path_factory.mktemp("micro-eps") / "model", MICRO, seed=0)
+
+
+@pytest.fixture(scope="session")
+def micro_scorer(micro_model_dir):
+    from auditor import Scorer
+
+    return Scorer.from_pretrained(micro_model_dir, device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="session")

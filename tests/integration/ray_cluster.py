@@ -432,6 +432,9 @@ class LocalRayCluster:
             ports = NodePorts.from_block(find_port_block(), head=head)
             cmd = [RAY_BIN, "start", f"--node-ip-address={NODE_IP}", f"--temp-dir={self.temp_dir}"]
             cmd += ["--disable-usage-stats", f"--object-store-memory={self.object_store_mb * 1024 * 1024}"]
+            # No log monitor: it polls the node's log folder every 0.1 s (a glob per poll, more as workers come
+            # and go) to stream worker output to drivers, and every driver here runs with log_to_driver off.
+            cmd += ["--include-log-monitor=false"]
             if head:
                 cmd += [
                     "--head",

@@ -65,7 +65,7 @@ def assert_exactly_once(scores: pa.Table, expected_rows: dict[str, int]) -> None
     }
 
 
-def test_audit_every_format_exactly_once_then_incremental(ray_local, tmp_path, tiny_model_dir, tiny_scorer):
+def test_audit_every_format_exactly_once_then_incremental(ray_local, tmp_path, micro_model_dir, micro_scorer):
     from auditor.pipeline.audit import run
 
     expected = write_corpus(tmp_path / "in")
@@ -73,10 +73,10 @@ def test_audit_every_format_exactly_once_then_incremental(ray_local, tmp_path, t
         name: [c for c in values if isinstance(c, str) and c.strip()] for name, values in expected.items()
     }
     texts = [c for values in good.values() for c in values]
-    reference = dict(zip(texts, tiny_scorer.score(texts).tolist(), strict=True))
+    reference = dict(zip(texts, micro_scorer.score(texts).tolist(), strict=True))
     threshold = float(np.quantile(list(reference.values()), 0.75))
     cfg = AuditConfig(
-        inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(tiny_model_dir),
+        inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(micro_model_dir),
         threshold=threshold, dtype="fp32", batch_size=8, quiet=True,
     )  # fmt: skip
     result = run(cfg)
@@ -111,7 +111,7 @@ def test_audit_every_format_exactly_once_then_incremental(ray_local, tmp_path, t
     assert 0 < flagged.num_rows < len(ok)
     # 5. _audit.json and the ledger.
     audit = json.loads((tmp_path / "out" / "_audit.json").read_text())
-    assert audit["model_fingerprint"] == tiny_scorer.fingerprint
+    assert audit["model_fingerprint"] == micro_scorer.fingerprint
     assert audit["runtime"]["actor_device"] == "cpu" and audit["runtime"]["cuda_graphs"] is False
     # What the actors reported they ran with, not only what the driver resolved.
     (actor,) = audit["runtime"]["actors"]
@@ -143,7 +143,7 @@ def test_audit_every_format_exactly_once_then_incremental(ray_local, tmp_path, t
     assert audit["counts"]["output_total"]["rows"] == sum(len(v) for v in expected.values()) + 5
 
 
-def test_id_column_keep_columns_and_filter(ray_local, tmp_path, tiny_model_dir, tiny_scorer):
+def test_id_column_keep_columns_and_filter(ray_local, tmp_path, micro_model_dir, micro_scorer):
     from auditor.pipeline.audit import run
     from auditor.pipeline.filter import run_filter
 
@@ -158,11 +158,11 @@ def test_id_column_keep_columns_and_filter(ray_local, tmp_path, tiny_model_dir, 
     (tmp_path / "in" / "part-1.jsonl").write_text(
         "".join(json.dumps({"key": f"k{i}", "caption": texts[i], "url": i}) + "\n" for i in range(20, 30))
     )
-    threshold = float(np.median(tiny_scorer.score(texts)))
+    threshold = float(np.median(micro_scorer.score(texts)))
     threshold_file = tmp_path / "threshold.json"
     threshold_file.write_text(json.dumps({"threshold": threshold, "target_fpr": 0.5}))
     cfg = AuditConfig(
-        inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(tiny_model_dir),
+        inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(micro_model_dir),
         id_column="key", keep_columns=("url",), threshold_file=str(threshold_file), dtype="fp32", quiet=True,
     )  # fmt: skip
     assert run(cfg).exit_code == 0
@@ -209,13 +209,13 @@ def test_filter_needs_an_audit_output(tmp_path):
         )
 
 
-def test_config_errors_fail_before_ray_starts(tmp_path, tiny_model_dir):
+def test_config_errors_fail_before_ray_starts(tmp_path, micro_model_dir):
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"TEXT": ["a"], "url": ["u"]}), tmp_path / "in" / "a.parquet")
     started = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "auditor", "audit", str(tmp_path / "in"), str(tmp_path / "out"),
-         "--model", str(tiny_model_dir)],
+         "--model", str(micro_model_dir)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2
@@ -228,7 +228,7 @@ def test_config_errors_fail_before_ray_starts(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_model_dir):
+def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, micro_model_dir):
     from auditor.pipeline.audit import run
 
     (tmp_path / "in").mkdir()
@@ -240,7 +240,7 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_mo
         )
     # Units of 8 rows (each file is one row group, so one unit): the write stage then stages every 8 rows, and
     # files commit one by one instead of all together at the end of this small corpus.
-    args = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model_dir), "--generations", "4",
+    args = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(micro_model_dir), "--generations", "4",
             "--batch-size", "4", "--num-cpus", "2", "--dtype", "fp32", "--quiet", "--unit-rows", "8"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -269,13 +269,13 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, tiny_mo
     assert not list((tmp_path / "out" / "_staging").rglob("*.parquet"))
 
 
-def test_actors_that_would_starve_readers_fail_before_ray(tmp_path, tiny_model_dir):
+def test_actors_that_would_starve_readers_fail_before_ray(tmp_path, micro_model_dir):
     from auditor.errors import ConfigError
     from auditor.pipeline.audit import run
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("a cat\n")
-    cfg = AuditConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(tiny_model_dir),
+    cfg = AuditConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(micro_model_dir),
                       actors=2, num_cpus=2)  # fmt: skip
     with pytest.raises(ConfigError, match=r"needs 3 CPUs; Ray has 2 .*starve the readers.*Lower --actors"):
         run(cfg)

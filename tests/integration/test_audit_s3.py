@@ -45,17 +45,17 @@ def read_scores(fs: s3fs.S3FileSystem, path: str) -> pa.Table:
     return pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning="hive").to_table()
 
 
-def test_audit_and_filter_on_s3(ray_local, s3_endpoint, tiny_model_dir, tiny_scorer):
+def test_audit_and_filter_on_s3(ray_local, s3_endpoint, micro_model_dir, micro_scorer):
     from auditor.pipeline.audit import run
     from auditor.pipeline.filter import run_filter
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     texts = upload_corpus(fs, "audit-bucket")
-    reference = dict(zip(texts, tiny_scorer.score(texts).tolist(), strict=True))
+    reference = dict(zip(texts, micro_scorer.score(texts).tolist(), strict=True))
     threshold = float(np.median(list(reference.values())))
     options = {"endpoint_url": s3_endpoint}
     cfg = AuditConfig(
-        inputs=("s3://audit-bucket/captions/",), output="s3://audit-bucket/runs/r1", model=str(tiny_model_dir),
+        inputs=("s3://audit-bucket/captions/",), output="s3://audit-bucket/runs/r1", model=str(micro_model_dir),
         threshold=threshold, storage_options=options, dtype="fp32", quiet=True,
     )  # fmt: skip
     assert run(cfg).exit_code == 0
@@ -78,14 +78,14 @@ def test_audit_and_filter_on_s3(ray_local, s3_endpoint, tiny_model_dir, tiny_sco
     ]  # fmt: skip
 
 
-def test_unreachable_endpoint_is_a_config_error(tiny_model_dir):
+def test_unreachable_endpoint_is_a_config_error(micro_model_dir):
     from auditor.pipeline.plan import plan_audit
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     cfg = AuditConfig(
-        inputs=("s3://nowhere-bucket/in/",), output="s3://nowhere-bucket/out", model=str(tiny_model_dir),
+        inputs=("s3://nowhere-bucket/in/",), output="s3://nowhere-bucket/out", model=str(micro_model_dir),
         storage_options={"endpoint_url": f"http://127.0.0.1:{closed_port}"},
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"cannot list INPUT s3://nowhere-bucket/in/ .*endpoint_url"):
@@ -100,7 +100,7 @@ def free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.own_ray_cluster("ray_local")  # one node: beside the session's local Ray, not the drills
-def test_ray_job_submit_reads_and_writes_s3(s3_endpoint, tiny_model_dir, tiny_scorer, tmp_path_factory):
+def test_ray_job_submit_reads_and_writes_s3(s3_endpoint, micro_model_dir, micro_scorer, tmp_path_factory):
     """`ray job submit -- python jobs/audit.py ...` against a local Ray head this test starts and stops."""
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     upload_corpus(fs, "job-bucket")
@@ -139,7 +139,7 @@ def test_ray_job_submit_reads_and_writes_s3(s3_endpoint, tiny_model_dir, tiny_sc
         command = [
             ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
             sys.executable, "jobs/audit.py", "s3://job-bucket/captions/", "s3://job-bucket/runs/job1",
-            "--model", str(tiny_model_dir), "--storage-option", f"endpoint_url={s3_endpoint}", "--dtype", "fp32",
+            "--model", str(micro_model_dir), "--storage-option", f"endpoint_url={s3_endpoint}", "--dtype", "fp32",
             "--threshold", "0", "--quiet",
         ]  # fmt: skip
         # The dashboard answers before the node's job agent is up ("No available agent"): retry only that.
@@ -160,4 +160,4 @@ def test_ray_job_submit_reads_and_writes_s3(s3_endpoint, tiny_model_dir, tiny_sc
     rows = read_scores(fs, "job-bucket/runs/job1/scores").to_pylist()
     assert len(rows) == 25 and all(r[schema.FLAGGED] for r in rows)
     audit = json.loads(fs.cat("job-bucket/runs/job1/_audit.json"))
-    assert audit["model_fingerprint"] == tiny_scorer.fingerprint
+    assert audit["model_fingerprint"] == micro_scorer.fingerprint

@@ -12,20 +12,20 @@ from auditor.errors import ModelLoadError
 pytestmark = pytest.mark.integration
 
 
-def test_scorer_loads_from_s3_and_caches(s3_endpoint, tiny_model_dir, tiny_scorer, tmp_path, monkeypatch):
+def test_scorer_loads_from_s3_and_caches(s3_endpoint, micro_model_dir, micro_scorer, tmp_path, monkeypatch):
     monkeypatch.setenv("AUDITOR_CACHE", str(tmp_path / "cache"))
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     fs.mkdir("models-bucket")
-    fs.put(str(tiny_model_dir) + "/", "models-bucket/sd/tiny/", recursive=True)
+    fs.put(str(micro_model_dir) + "/", "models-bucket/sd/micro/", recursive=True)
     options = {"endpoint_url": s3_endpoint}
-    remote = Scorer.from_pretrained("s3://models-bucket/sd/tiny", device="cpu", storage_options=options)
+    remote = Scorer.from_pretrained("s3://models-bucket/sd/micro", device="cpu", storage_options=options)
     captions = ["a red cat", "an old castle at night"]
-    np.testing.assert_allclose(remote.score(captions), tiny_scorer.score(captions), rtol=1e-6)
-    assert remote.fingerprint == tiny_scorer.fingerprint
+    np.testing.assert_allclose(remote.score(captions), micro_scorer.score(captions), rtol=1e-6)
+    assert remote.fingerprint == micro_scorer.fingerprint
     # Second load comes from the local cache: deleting the bucket copy must not matter.
-    fs.rm("models-bucket/sd/tiny", recursive=True)
-    again = Scorer.from_pretrained("s3://models-bucket/sd/tiny/", device="cpu", storage_options=options)
-    np.testing.assert_allclose(again.score(captions), tiny_scorer.score(captions), rtol=1e-6)
+    fs.rm("models-bucket/sd/micro", recursive=True)
+    again = Scorer.from_pretrained("s3://models-bucket/sd/micro/", device="cpu", storage_options=options)
+    np.testing.assert_allclose(again.score(captions), micro_scorer.score(captions), rtol=1e-6)
 
 
 def test_missing_s3_folder_is_a_clear_error(s3_endpoint, tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ TEXTS = captions("a photo of a", 12)
 
 
 @pytest.fixture(scope="module")
-def compressed_audit(ray_local, tmp_path_factory, tiny_model_dir, tiny_scorer):
+def compressed_audit(ray_local, tmp_path_factory, micro_model_dir, micro_scorer):
     """One audit of the same captions as .jsonl, .jsonl.gz, .csv.gz, .txt.bz2 and .json.zst, plus a truncated
     .jsonl.gz; no --keep-columns, no --explain-flagged."""
     from auditor.pipeline.audit import run
@@ -97,16 +97,16 @@ def compressed_audit(ray_local, tmp_path_factory, tiny_model_dir, tiny_scorer):
     (inputs / "e.json.zst").write_bytes(compress(jsonl, "zstd"))
     cut = compress(jsonl * 40, "gzip")
     (inputs / "z_cut.jsonl.gz").write_bytes(cut[: len(cut) // 2])
-    threshold = float(np.median(tiny_scorer.score(TEXTS)))
+    threshold = float(np.median(micro_scorer.score(TEXTS)))
     cfg = AuditConfig(
-        inputs=(str(inputs),), output=str(root / "out"), model=str(tiny_model_dir), threshold=threshold,
+        inputs=(str(inputs),), output=str(root / "out"), model=str(micro_model_dir), threshold=threshold,
         dtype="fp32", batch_size=8, quiet=True, report=False,
     )  # fmt: skip
     return cfg, run(cfg), {}, False
 
 
 @pytest.fixture(scope="module")
-def explained_audit(ray_local, tmp_path_factory, tiny_model_dir, tiny_scorer):
+def explained_audit(ray_local, tmp_path_factory, micro_model_dir, micro_scorer):
     """One audit with --id-column, --keep-columns and --explain-flagged of one file whose shard key, without the
     guard in shard_key, would be `1e-<10 digits>`: a float to polars' hive inference."""
     from auditor.pipeline.audit import run
@@ -127,8 +127,8 @@ def explained_audit(ray_local, tmp_path_factory, tiny_model_dir, tiny_scorer):
     [listed] = list_inputs((str(path),), None, {})
     assert listed.shard.startswith("1e-h")
     cfg = AuditConfig(
-        inputs=(str(path),), output=str(root / "out"), model=str(tiny_model_dir), id_column="key",
-        keep_columns=("url",), explain_flagged=True, threshold=float(np.median(tiny_scorer.score(texts))),
+        inputs=(str(path),), output=str(root / "out"), model=str(micro_model_dir), id_column="key",
+        keep_columns=("url",), explain_flagged=True, threshold=float(np.median(micro_scorer.score(texts))),
         dtype="fp32", batch_size=8, quiet=True, report=False,
     )  # fmt: skip
     return cfg, run(cfg), {"url": pa.string()}, True

@@ -67,7 +67,7 @@ def scrape(
 
 
 @pytest.mark.own_ray_cluster
-def test_audit_exports_counters_to_prometheus(tmp_path, tiny_model_dir, tiny_scorer):
+def test_audit_exports_counters_to_prometheus(tmp_path, micro_model_dir, micro_scorer):
     (tmp_path / "in").mkdir()
     texts = captions("a scraped photo of a", 17)
     pq.write_table(
@@ -75,10 +75,10 @@ def test_audit_exports_counters_to_prometheus(tmp_path, tiny_model_dir, tiny_sco
         tmp_path / "in" / "a.parquet",
         row_group_size=8,
     )  # 20 rows: units of rows 0-7, 8-15, 16-19
-    ranked = np.sort(tiny_scorer.score(texts))
+    ranked = np.sort(micro_scorer.score(texts))
     threshold = float((ranked[8] + ranked[9]) / 2)  # between two scores: float noise cannot move a flag
     flagged = 8
-    model = metrics.model_tag(tiny_scorer.fingerprint)
+    model = metrics.model_tag(micro_scorer.fingerprint)
 
     def key(name: str, **tags: str) -> tuple[str, tuple]:
         return name, tuple(sorted({metrics.MODEL_TAG: model, **tags}.items()))
@@ -96,7 +96,7 @@ def test_audit_exports_counters_to_prometheus(tmp_path, tiny_model_dir, tiny_sco
     code = textwrap.dedent(DRIVER).format(
         input=str(tmp_path / "in"),
         output=str(tmp_path / "out"),
-        model=str(tiny_model_dir),
+        model=str(micro_model_dir),
         threshold=threshold,
     )
     with LocalRayCluster(head_cpus=1, worker_cpus=2) as cluster:

@@ -38,7 +38,7 @@ def write_user_corpus(folder) -> pa.Table:
 
 
 def test_user_pipeline_scores_flags_and_keeps_every_row_and_column(
-    ray_local, tmp_path, tiny_model_dir, tiny_scorer
+    ray_local, tmp_path, micro_model_dir, micro_scorer
 ):
     import ray
 
@@ -46,13 +46,13 @@ def test_user_pipeline_scores_flags_and_keeps_every_row_and_column(
 
     table = write_user_corpus(tmp_path / "in")
     texts = [c for c in table.column("caption").to_pylist() if c and c.strip()]
-    reference = dict(zip(texts, tiny_scorer.score(texts).tolist(), strict=True))
+    reference = dict(zip(texts, micro_scorer.score(texts).tolist(), strict=True))
     threshold = float(np.median(list(reference.values())))
 
     ds = ray.data.read_parquet(str(tmp_path / "in"))
     marked = add_memorization_scores(
         ds,
-        model=str(tiny_model_dir),
+        model=str(micro_model_dir),
         caption_column="caption",
         threshold=threshold,
         batch_size=4,
@@ -93,7 +93,7 @@ def test_user_pipeline_scores_flags_and_keeps_every_row_and_column(
     assert clean.column("url").to_pylist() == [by_id[i]["url"] for i in clean.column("id").to_pylist()]
 
 
-def test_scores_equal_the_audit_of_the_same_captions(ray_local, tmp_path, tiny_model_dir):
+def test_scores_equal_the_audit_of_the_same_captions(ray_local, tmp_path, micro_model_dir):
     """The same core as `auditor audit`: identical scores and statuses for identical captions, model and seed."""
     import ray
 
@@ -103,12 +103,12 @@ def test_scores_equal_the_audit_of_the_same_captions(ray_local, tmp_path, tiny_m
 
     table = write_user_corpus(tmp_path / "in")
     assert run(AuditConfig(inputs=(str(tmp_path / "in"),), output=str(tmp_path / "audit"),
-                           model=str(tiny_model_dir), dtype="fp32", quiet=True, report=False,
+                           model=str(micro_model_dir), dtype="fp32", quiet=True, report=False,
                            generations=2, seed=3)).exit_code == 0  # fmt: skip
     audit = pads.dataset(str(tmp_path / "audit" / "scores"), format="parquet", partitioning="hive").to_table()
     audited = {(r["caption"], r[schema.STATUS]): r[schema.SCORE] for r in audit.to_pylist()}
     ds = add_memorization_scores(
-        ray.data.from_arrow(table), model=str(tiny_model_dir), caption_column="caption", dtype="fp32",
+        ray.data.from_arrow(table), model=str(micro_model_dir), caption_column="caption", dtype="fp32",
         generations=2, seed=3,
     )  # fmt: skip
     mine = {
@@ -123,13 +123,13 @@ def test_scores_equal_the_audit_of_the_same_captions(ray_local, tmp_path, tiny_m
     )
 
 
-def test_bad_options_fail_before_anything_runs(ray_local, tmp_path, tiny_model_dir):
+def test_bad_options_fail_before_anything_runs(ray_local, tmp_path, micro_model_dir):
     import ray
 
     from auditor.ray_data import add_memorization_scores
 
     ds = ray.data.from_items([{"text": "a cat", schema.MEMORIZATION_FLAG: True}])
-    model = str(tiny_model_dir)
+    model = str(micro_model_dir)
     with pytest.raises(ConfigError, match=r"caption_column 'caption' is not a column .*columns are: text, "):
         add_memorization_scores(ds, model=model, caption_column="caption")
     with pytest.raises(ConfigError, match=r"already has column\(s\) memorization_flag.*drop or rename them"):
@@ -154,14 +154,14 @@ def test_bad_options_fail_before_anything_runs(ray_local, tmp_path, tiny_model_d
         )
 
 
-def test_memorization_scorer_without_ray_takes_every_batch_format(tiny_model_dir, tiny_scorer):
+def test_memorization_scorer_without_ray_takes_every_batch_format(micro_model_dir, micro_scorer):
     """The callable class alone (what a user wires into map_batches): pyarrow, pandas and numpy batches."""
     from auditor.ray_data import MemorizationScorer
 
     scorer = MemorizationScorer(
-        model=str(tiny_model_dir), caption_column="text", dtype="fp32", threshold=-1.0
+        model=str(micro_model_dir), caption_column="text", dtype="fp32", threshold=-1.0
     )
-    reference = float(tiny_scorer.score(["a photo of a cat"])[0])
+    reference = float(micro_scorer.score(["a photo of a cat"])[0])
     arrow = scorer(pa.table({"text": ["a photo of a cat", None], "status": ["x", "y"]}))
     assert arrow.column("status").to_pylist() == ["x", "y"]
     assert arrow.column(schema.MEMORIZATION_STATUS).to_pylist() == [schema.OK, schema.NULL_CAPTION]

@@ -38,7 +38,7 @@ def visible_rows(output: Path) -> pa.Table:
 
 
 @pytest.mark.slow
-def test_kill_9_inside_a_file_then_rerun_scores_only_the_rest(ray_local, tmp_path, tiny_model_dir):
+def test_kill_9_inside_a_file_then_rerun_scores_only_the_rest(ray_local, tmp_path, micro_model_dir):
     from auditor.pipeline.audit import run
 
     (tmp_path / "in").mkdir()
@@ -48,7 +48,7 @@ def test_kill_9_inside_a_file_then_rerun_scores_only_the_rest(ray_local, tmp_pat
         tmp_path / "in" / "big.parquet",
         row_group_size=group_rows,
     )
-    args = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_model_dir), "--generations", "4",
+    args = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(micro_model_dir), "--generations", "4",
             "--batch-size", "4", "--unit-rows", str(unit_rows), "--dtype", "fp32", "--quiet", "--no-report"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -88,7 +88,7 @@ def test_kill_9_inside_a_file_then_rerun_scores_only_the_rest(ray_local, tmp_pat
     assert not (tmp_path / "out" / "_lease.json").exists()
 
 
-def test_files_changed_in_place_are_audited_again_whole(ray_local, tmp_path, tiny_model_dir, tiny_scorer):
+def test_files_changed_in_place_are_audited_again_whole(ray_local, tmp_path, micro_model_dir, micro_scorer):
     from auditor.pipeline.audit import run
 
     (tmp_path / "in").mkdir()
@@ -107,7 +107,7 @@ def test_files_changed_in_place_are_audited_again_whole(ray_local, tmp_path, tin
         )
 
     cfg = AuditConfig(
-        inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(tiny_model_dir), dtype="fp32",
+        inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(micro_model_dir), dtype="fp32",
         unit_rows=20, quiet=True, report=False, batch_size=16,
     )  # fmt: skip
     first = captions("a first version of a", 57)
@@ -133,6 +133,6 @@ def test_files_changed_in_place_are_audited_again_whole(ray_local, tmp_path, tin
     assert parts == ["part-u000000.parquet"]
     # The scores are those of the new captions.
     table = read_scores(tmp_path / "out").filter(pa.compute.equal(pa.compute.field(schema.SOURCE), str(path)))
-    expected = dict(zip(shorter, tiny_scorer.score(shorter).tolist(), strict=True))
+    expected = dict(zip(shorter, micro_scorer.score(shorter).tolist(), strict=True))
     for row in table.to_pylist():
         assert abs(row["score"] - expected[row["caption"]]) < 1e-4
