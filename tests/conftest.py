@@ -150,7 +150,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def micro_model_dir(tmp_path_factory) -> Path:
     """Random micro SD v1-style model (epsilon prediction), 4x8x8 latents: the integration tests' model. Their
     checks are on rows, units, files and processes, not on shapes, and each of their ~60 audits scores its
-    captions a third as fast as on the tiny model (0.97 against 3.2 CPU-s for 96 captions x 4 generations, one
+    captions in a third of the tiny model's time (0.97 against 3.2 CPU-s for 96 captions x 4 generations, one
     thread; BENCHMARKS.md §5c)."""
     from auditor.toy.models import MICRO, build_random_sd
 
