@@ -9,8 +9,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every Ray a test starts (in-process, a CLI run's own, LocalRayCluster's nodes) inherits this: the dashboard agent's
 # node stats (psutil over every worker, each 5 s by default) feed only the dashboard's views, which no test reads;
-# the Prometheus metrics the tests scrape are exported apart from them. An idle 2-node test cluster then takes
-# 5.4 CPU-s a minute instead of 7.6 with its log monitors off too (BENCHMARKS.md §5c).
+# the Prometheus metrics the tests scrape are exported apart from them. With its log monitors off too, an idle
+# 2-node test cluster took 5.4 CPU-s a minute instead of 7.6 (one measurement; the whole run: BENCHMARKS.md §5c).
 os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 
 from pathlib import Path  # noqa: E402
