@@ -10,6 +10,8 @@ The run is the fault drills' shape (tests/integration/test_drills.py): a head wi
 /proc/stat (user + system + irq + steal, every core), so Ray's daemons, workers and actors count as well as the
 driver; anything else running on the machine counts too. --processes also lists the CPU-seconds of each process
 alive during the first run (sampled from /proc every 0.2 s: a process that lives less than that is missed).
+The tests' Rays also get REPORTER_UPDATE_INTERVAL_MS=60000 (tests/conftest.py), which this script leaves to the
+caller's environment: set it there to measure the tests' setting.
 """
 
 from __future__ import annotations
