@@ -9,7 +9,6 @@ model and the objective differ. Imports torch/diffusers/transformers, never ray.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -26,12 +25,14 @@ from auditor.toy.data import ToyData, ToyDataSpec
 from auditor.toy.manifest import save_manifest
 from auditor.toy.train import (
     ToyBatches,
+    ToyRecipe,
     TrainResult,
     build_cached,
     build_toy_tokenizer,
     format_duration,
     learning_rate_at,
     one_thread,
+    recipe_from,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,20 +82,10 @@ class TinySD3Spec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FlowTrainSpec:
-    """Everything that determines a flow toy build (with the seed). Changing any field invalidates a cached build."""
+class FlowTrainSpec(ToyRecipe):
+    """The flow toy's recipe: the shared fields (auditor.toy.train.ToyRecipe), then the flow-matching ones."""
 
     model: TinySD3Spec
-    data: ToyDataSpec
-    steps: int
-    batch_size: int = 32
-    memorized_per_batch: int = 8
-    learning_rate: float = 2e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    tokenizer_vocab_size: int = 2048
-    train_text_encoder: bool = True
     # Training sigma: logit-normal (SD3's default, mean 0 std 1); a fraction drawn uniform in (0, 1) instead. 0:
     # on the test preset, half uniform gave the same sampling cosine (0.940 vs 0.939) and AUC (1.0) as none.
     logit_mean: float = 0.0
@@ -102,13 +93,6 @@ class FlowTrainSpec:
     uniform_fraction: float = 0.0
     check_samples: int = 16
     check_generations: int = 4
-
-    @property
-    def diverse_count(self) -> int:
-        return self.steps * (self.batch_size - self.memorized_per_batch)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 _FLOW_MODEL = TinySD3Spec()
@@ -134,13 +118,7 @@ FLOW_PRESETS: dict[str, FlowTrainSpec] = {
 
 
 def resolve_flow_preset(preset: str | FlowTrainSpec) -> FlowTrainSpec:
-    if isinstance(preset, FlowTrainSpec):
-        return preset
-    if preset not in FLOW_PRESETS:
-        raise ConfigError(
-            f"toy preset {preset!r} is not one of {', '.join(FLOW_PRESETS)}; pass --preset full or test."
-        )
-    return FLOW_PRESETS[preset]
+    return recipe_from(preset, FLOW_PRESETS)
 
 
 def scheduler_config(spec: TinySD3Spec) -> dict[str, Any]:

@@ -15,10 +15,10 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,10 +45,16 @@ SampleFilter = Callable[
 
 
 @dataclass(frozen=True, kw_only=True)
-class ToyTrainSpec:
-    """Everything that determines a toy build (with the seed). Changing any field invalidates a cached build."""
+class ToyRecipe:
+    """The fields every toy recipe has (the DDPM toy's ToyTrainSpec, the flow toy's FlowTrainSpec); with the seed,
+    a recipe determines its build, and changing any field invalidates a cached build.
 
-    model: TinySDSpec
+    A subclass narrows `model` to its family's shapes and adds its own fields after these: dataclasses keep a base
+    field's position, so `to_dict()`'s key order, which the manifest and build record are written in, is the one
+    the shipped builds were written with.
+    """
+
+    model: Any
     data: ToyDataSpec
     steps: int
     batch_size: int = 32
@@ -61,8 +67,6 @@ class ToyTrainSpec:
     tokenizer_vocab_size: int = 2048
     # False: the text encoder keeps its seeded random weights.
     train_text_encoder: bool = True
-    # DDIM samples per population for the memorization check after training.
-    check_samples: int = 16
 
     @property
     def diverse_count(self) -> int:
@@ -70,6 +74,18 @@ class ToyTrainSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyTrainSpec(ToyRecipe):
+    """The DDPM (epsilon) toy's recipe."""
+
+    model: TinySDSpec
+    # DDIM samples per population for the memorization check after training.
+    check_samples: int = 16
+
+
+RecipeT = TypeVar("RecipeT", bound=ToyRecipe)
 
 
 # text_layers=0: a CLIPTextModel with token + position embeddings and the final layer norm only, so each output
@@ -124,14 +140,24 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def resolve_preset(preset: str | ToyTrainSpec) -> ToyTrainSpec:
-    if isinstance(preset, ToyTrainSpec):
+def recipe_from(preset: str | RecipeT, presets: Mapping[str, RecipeT]) -> RecipeT:
+    """`presets[preset]` for a preset name; a recipe of the presets' own class as it is."""
+    recipe_type = type(next(iter(presets.values())))
+    if isinstance(preset, recipe_type):
         return preset
-    if preset not in PRESETS:
+    if not isinstance(preset, str):
         raise ConfigError(
-            f"toy preset {preset!r} is not one of {', '.join(PRESETS)}; pass --preset full or test."
+            f"expected a toy preset name or a {recipe_type.__name__}, got a {type(preset).__name__}."
         )
-    return PRESETS[preset]
+    if preset not in presets:
+        raise ConfigError(
+            f"toy preset {preset!r} is not one of {', '.join(presets)}; pass --preset full or test."
+        )
+    return presets[preset]
+
+
+def resolve_preset(preset: str | ToyTrainSpec) -> ToyTrainSpec:
+    return recipe_from(preset, PRESETS)
 
 
 def learning_rate_at(step: int, spec: ToyTrainSpec) -> float:
@@ -205,11 +231,10 @@ class ToyBatches:
     `batch(step)` gives `memorized_per_batch` memorized captions (a fresh permutation per pass) and the rest diverse
     captions seen once, with caption dropout ("" for a dropped caption; never for the seen-once eval captions). It
     draws the diverse latents from `generator` and the dropout from `rng`, in that order, and nothing else, so a
-    caller's own draws after it (noise, timesteps) keep their place in the streams. `spec` needs steps, batch_size,
-    memorized_per_batch, diverse_count and data.
+    caller's own draws after it (noise, timesteps) keep their place in the streams.
     """
 
-    def __init__(self, data: ToyData, spec: Any, rng: np.random.Generator, generator: torch.Generator):
+    def __init__(self, data: ToyData, spec: ToyRecipe, rng: np.random.Generator, generator: torch.Generator):
         self.data, self.spec, self.rng, self.generator = data, spec, rng, generator
         m = spec.data.num_memorized
         self.memorized_order = np.concatenate(

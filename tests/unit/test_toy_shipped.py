@@ -8,10 +8,11 @@ import json
 import pytest
 
 from auditor.cli import main
-from auditor.errors import ModelLoadError
+from auditor.errors import ConfigError, ModelLoadError
 from auditor.report.metrics import detection_metrics
 from auditor.scoring import Scorer
 from auditor.toy import shipped
+from auditor.toy.flow import FLOW_PRESETS
 from auditor.toy.manifest import load_manifest
 from auditor.toy.shipped import (
     SHIPPED_PRESET,
@@ -21,7 +22,7 @@ from auditor.toy.shipped import (
     read_shipped_record,
     shipped_model_dir,
 )
-from auditor.toy.train import build_settings, read_build_info, resolve_preset
+from auditor.toy.train import PRESETS, build_settings, read_build_info, resolve_preset
 
 WEIGHT_SUFFIX = ".safetensors"
 # BENCHMARKS.md §3 (full preset, seed 0): memorized captions reproduce their latent at cosine 0.972 (min 0.945),
@@ -68,6 +69,24 @@ def test_shipped_model_is_intact_and_current():
     assert info["settings"] == build_settings(resolve_preset(SHIPPED_PRESET), SHIPPED_SEED)
     check = info["memorization_check"]
     assert check["memorized_cosine_mean"] >= MIN_MEMORIZED_COSINE_MEAN - 0.01
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_recipes_write_their_fields_in_the_shipped_order(family):
+    """A rebuild compares toy_manifest.json byte for byte, and the manifest writes the recipe in `to_dict()` order:
+    the fields the two toys share (auditor.toy.train.ToyRecipe) come first, as when the shipped builds were made."""
+    manifest = json.loads((shipped_model_dir(family) / "toy_manifest.json").read_text(encoding="utf-8"))
+    presets = {"sd": PRESETS, "sd3": FLOW_PRESETS}[family]
+    spec = presets[SHIPPED_PRESET].to_dict()
+    assert list(spec) == list(manifest["settings"]["spec"])
+    assert json.loads(json.dumps(spec)) == manifest["settings"]["spec"]
+
+
+def test_a_recipe_of_the_other_toy_is_refused():
+    with pytest.raises(
+        ConfigError, match="expected a toy preset name or a ToyTrainSpec, got a FlowTrainSpec"
+    ):
+        resolve_preset(FLOW_PRESETS["test"])
 
 
 def test_toy_model_path_prints_the_shipped_folder(capsys):
