@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from auditor import schema
-from auditor.cli.common import add_model_arguments, add_score_arguments
+from auditor.cli.common import add_model_arguments, add_score_arguments, load_scorer
 from auditor.errors import InputDataError
 
 EPILOG = """\
@@ -93,20 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from auditor.errors import ConfigError
     from auditor.report.calibration import calibrate_threshold, write_threshold_file
-    from auditor.scoring import Scorer
 
     if not 0 <= args.fpr < 1:
         raise ConfigError(f"--fpr must be in [0, 1), got {args.fpr}; e.g. --fpr 0.01 for 1%.")
     captions = read_caption_file(args.reference, args.caption_column)
     if not captions:
         raise InputDataError(f"--reference {args.reference} holds no captions.")
-    scorer = Scorer.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        score_sigma=args.score_sigma,
-    )
+    scorer = load_scorer(args)
     record = calibrate_threshold(
         scorer,
         captions,

@@ -45,6 +45,20 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=32, help="captions per UNet batch (default 32)")
 
 
+def load_scorer(args: argparse.Namespace):
+    """The Scorer of a single-machine command (score, calibrate, evaluate): its model group's flags, --batch-size and
+    --score-sigma. Imports torch, so a command calls it only once its arguments are known to be good."""
+    from auditor.scoring import Scorer
+
+    return Scorer.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        score_sigma=args.score_sigma,
+    )
+
+
 def add_score_sigma_argument(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--score-sigma", type=float, default=None, metavar="SIGMA", help=SCORE_SIGMA_HELP)
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from auditor.cli.calibrate import read_caption_file
-from auditor.cli.common import add_model_arguments, add_score_sigma_argument
+from auditor.cli.common import add_model_arguments, add_score_sigma_argument, load_scorer
 from auditor.errors import ConfigError
 
 EPILOG = """\
@@ -72,7 +72,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from auditor.report.detection import evaluate_detection, format_evaluation_table
-    from auditor.scoring import Scorer
 
     # 1. Check inputs
     if (args.positives is None) != (args.negatives is None):
@@ -95,13 +94,7 @@ def run(args: argparse.Namespace) -> int:
         negative_sets = {"held-out": manifest.held_out, "seen-once": manifest.seen_once}
 
     # 2. Score and tabulate
-    scorer = Scorer.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        score_sigma=args.score_sigma,
-    )
+    scorer = load_scorer(args)
     rows = evaluate_detection(
         scorer,
         positives,

@@ -108,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mitigate.set_defaults(handler=run_mitigate)
 
 
-def load_scorer(args: argparse.Namespace, score_sigma: float | None = None):
+def load_caption_scorer(args: argparse.Namespace, score_sigma: float | None = None):
     from auditor.scoring import Scorer
 
     # One caption: CUDA graphs for a batch would cost more to capture than they save.
@@ -132,7 +132,7 @@ def display_token(token: str) -> str:
 def run_explain(args: argparse.Namespace) -> int:
     from auditor.scoring.explain import explain
 
-    scorer = load_scorer(args, args.score_sigma)
+    scorer = load_caption_scorer(args, args.score_sigma)
     result = explain(scorer, args.caption, generations=args.generations, steps=args.steps, seed=args.seed)
     if args.json:
         row = {
@@ -184,7 +184,7 @@ def run_mitigate(args: argparse.Namespace) -> int:
 
     # 1. Check inputs before loading anything heavy
     check_mitigate_args(args.target, args.lr, args.max_iters)
-    scorer = load_scorer(args)
+    scorer = load_caption_scorer(args)
     root = Path(scorer.components.root)
     if args.generate and scorer.family_name != "sd":
         raise ConfigError(

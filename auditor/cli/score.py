@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from auditor.cli.common import add_model_arguments, add_score_arguments, read_caption_lines
+from auditor.cli.common import add_model_arguments, add_score_arguments, load_scorer, read_caption_lines
 from auditor.errors import InputDataError
 
 EPILOG = """\
@@ -37,18 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from auditor.scoring import Scorer
-
     captions = list(args.captions) + (read_caption_lines(args.file) if args.file else [])
     if not captions:
         raise InputDataError("no captions given; pass them as arguments or with --file captions.txt.")
-    scorer = Scorer.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        score_sigma=args.score_sigma,
-    )
+    scorer = load_scorer(args)
     tokens = scorer.tokenize(captions)
     scores = scorer.score_tokenized(tokens, generations=args.generations, steps=args.steps, seed=args.seed)
     rows = [
