@@ -33,16 +33,8 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))  # the tests' LocalRayCl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from cpu_per_test import CLOCK_TICKS, machine_cpu_seconds  # noqa: E402
 from ray_cluster import LocalRayCluster, list_processes  # noqa: E402
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu_seconds() -> float:
-    with open("/proc/stat") as fh:
-        fields = [int(v) for v in fh.readline().split()[1:]]
-    idle, iowait = fields[3], fields[4]
-    return (sum(fields) - idle - iowait) / CLOCK_TICKS
 
 
 class ProcessSampler(threading.Thread):

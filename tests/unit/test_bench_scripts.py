@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,3 +54,62 @@ def test_gpu_families_smoke_run_writes_json_and_table(tmp_path, monkeypatch, cap
     assert capsys.readouterr().out.splitlines()[-1].startswith("sd3 ")
     sys.modules.pop("gpu_families", None)
     sys.modules.pop("gpu_bench", None)
+
+
+BUSY_TESTS = """
+import subprocess, sys, time
+
+def spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+def test_busy_here():
+    spin(0.4)
+
+def test_busy_in_a_child():
+    subprocess.run([sys.executable, "-c", f"import time\\nend = time.process_time() + 0.4\\nwhile time.process_time() < end: pass"], check=True)
+"""
+
+
+def run_with_cpu_per_test(tmp_path, *pytest_args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "test_busy.py").write_text(BUSY_TESTS)
+    env = os.environ | {"PYTHONPATH": str(BENCH), "CPU_PER_TEST_OUT": str(tmp_path / "rows.jsonl")}
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "cpu_per_test",
+        "-p",
+        "no:cacheprovider",
+        *pytest_args,
+    ]
+    return subprocess.run(
+        [*command, str(tmp_path / "test_busy.py")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+
+
+def test_cpu_per_test_counts_the_machine_not_only_pytest(tmp_path, monkeypatch, capsys):
+    done = run_with_cpu_per_test(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {row["test"].split("::")[1]: row for row in map(json.loads, (tmp_path / "rows.jsonl").open())}
+    assert set(rows) == {"test_busy_here", "test_busy_in_a_child"}
+    # Lower bounds only: anything else running on the machine adds to machine_cpu_s.
+    assert rows["test_busy_here"]["machine_cpu_s"] >= 0.3 and rows["test_busy_here"]["pytest_cpu_s"] >= 0.3
+    child = rows["test_busy_in_a_child"]
+    assert child["machine_cpu_s"] >= 0.3 and child["pytest_cpu_s"] < 0.3
+    monkeypatch.syspath_prepend(str(BENCH))
+    cpu_per_test = importlib.import_module("cpu_per_test")
+    assert cpu_per_test.main([str(tmp_path / "rows.jsonl"), "--top", "1"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("2 tests: ") and "| 2 | `test_busy.py` |" in table[4]
+    assert [line for line in table if "::" in line] == [table[-1]] and "test_busy" in table[-1]
+    sys.modules.pop("cpu_per_test", None)
+
+
+def test_cpu_per_test_refuses_parallel_workers(tmp_path):
+    done = run_with_cpu_per_test(tmp_path, "-n", "2")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "run it without -n" in done.stderr
