@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from auditor.config import SCORE_SIGMA_HELP
 from auditor.errors import InputDataError
+
+if TYPE_CHECKING:
+    from auditor.scoring import Scorer
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +49,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=32, help="captions per UNet batch (default 32)")
 
 
-def load_scorer(args: argparse.Namespace):
+def load_scorer(args: argparse.Namespace) -> Scorer:
     """The Scorer of a single-machine command (score, calibrate, evaluate): its model group's flags, --batch-size and
     --score-sigma. Imports torch, so a command calls it only once its arguments are known to be good."""
     from auditor.scoring import Scorer

@@ -160,7 +160,7 @@ def resolve_preset(preset: str | ToyTrainSpec) -> ToyTrainSpec:
     return recipe_from(preset, PRESETS)
 
 
-def learning_rate_at(step: int, spec: ToyTrainSpec) -> float:
+def learning_rate_at(step: int, spec: ToyRecipe) -> float:
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < spec.warmup_steps:
         return spec.learning_rate * (step + 1) / spec.warmup_steps
