@@ -301,7 +301,7 @@ def wait_for_score_actors_to_exit(drills: Drills, timeout_s: float = 120.0) -> N
     being written) fell into the next trial's and counted as scored twice there (a fresh clone's run, 2026-12-02:
     41 rows to redo for 5 units of 8)."""
     deadline = time.monotonic() + timeout_s
-    while alive := [p.pid for p in drills.cluster.processes() if "ScoreActor" in p.cmdline]:
+    while alive := [p.pid for p in drills.cluster.processes() if p.cmdline.startswith(f"ray::{SCORE_ACTOR}")]:
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"score actors {alive} still alive {timeout_s:.0f} s after their driver died"
