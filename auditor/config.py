@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,31 @@ def _split_format(config: Any) -> None:
         )
 
 
+def check_confirm_options(
+    confirm_generations: int | None,
+    confirm_steps: int | None,
+    screen_threshold: float | None,
+    option: Callable[[str], str],
+) -> None:
+    """The second stage's options: ints in range, a finite screening threshold. Whether the second stage is on and
+    has a screening threshold depends on the threshold file too: resolve_threshold checks that, reading the file."""
+    for name, value, most in (
+        ("confirm-generations", confirm_generations, None),
+        ("confirm-steps", confirm_steps, MAX_STEPS),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (most and value > most):
+            span = f"in 1..{most}" if most else ">= 1"
+            raise ConfigError(f"{option(name)} must be an int {span}, got {value!r}.")
+    if screen_threshold is not None and (
+        isinstance(screen_threshold, bool)
+        or not isinstance(screen_threshold, int | float)
+        or not math.isfinite(screen_threshold)
+    ):
+        raise ConfigError(f"{option('screen-threshold')} must be a finite number, got {screen_threshold!r}.")
+
+
 class ParsedConfig:
     """What every frozen config shares: one parser builds it, and it serialises to JSON next to its results."""
 
@@ -139,6 +164,10 @@ class ScoreConfig:
     cuda_graphs: bool | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     explain_flagged: bool = False
+    # The second stage (auditor.scoring.cascade): None and None leave it off, unless the threshold file has one.
+    confirm_generations: int | None = None
+    confirm_steps: int | None = None
+    screen_threshold: float | None = None
 
     @staticmethod
     def option(name: str) -> str:
@@ -178,6 +207,7 @@ class ScoreConfig:
             not isinstance(self.threshold, int | float) or not math.isfinite(self.threshold)
         ):
             raise ConfigError(f"{o('threshold')} must be a finite number, got {self.threshold!r}.")
+        check_confirm_options(self.confirm_generations, self.confirm_steps, self.screen_threshold, o)
         if not self.cpus_per_actor > 0:
             raise ConfigError(f"{o('cpus-per-actor')} must be > 0, got {self.cpus_per_actor!r}.")
         if self.dtype not in DTYPES:
@@ -467,6 +497,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help='JSON with {"threshold": X, ...} as written by `auditor calibrate`; its content is recorded as the origin',
     )
+    add_confirm_arguments(flag)
     flag.add_argument(
         "--explain-flagged",
         action="store_true",
@@ -552,6 +583,39 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help="redo every input file, even those the ledger marks complete",
     )
     add_storage_arguments(parser)
+
+
+CONFIRM_HELP = (
+    "the two-stage audit: rows whose first-stage score is over the screening threshold are scored again with "
+    "N generations x K steps of the family's own sampler (confirm_score), in the same score actor, and flagged = "
+    "score > screening threshold and confirm_score > threshold. Either option turns it on (the other defaults to "
+    "1); a threshold file written by `auditor calibrate --confirm-generations N --confirm-steps K` turns it on "
+    "with its settings. README 'Two-stage audit'"
+)
+
+
+def add_confirm_arguments(group: argparse._ArgumentGroup, screen_threshold_help: str | None = None) -> None:
+    """--confirm-generations, --confirm-steps, --screen-threshold: the same flags on audit, score, calibrate and
+    evaluate (SUPPRESS: a value is present only when given, so the dataclass defaults stay the only defaults)."""
+    group.add_argument(
+        "--confirm-generations", type=int, metavar="N", default=argparse.SUPPRESS, help=CONFIRM_HELP
+    )
+    group.add_argument(
+        "--confirm-steps",
+        type=int,
+        metavar="K",
+        default=argparse.SUPPRESS,
+        help="sampler steps of the second stage (see --confirm-generations)",
+    )
+    group.add_argument(
+        "--screen-threshold",
+        type=float,
+        metavar="S",
+        default=argparse.SUPPRESS,
+        help=screen_threshold_help
+        or "rows with a first-stage score > S get the second stage (default: the threshold file's "
+        "screen_threshold, written by `auditor calibrate --confirm-...`)",
+    )
 
 
 def add_filter_arguments(parser: argparse.ArgumentParser) -> None:

@@ -43,6 +43,9 @@ OUTPUT_FIELDS = (
     pa.field(schema.MEMORIZATION_FLAG, pa.bool_()),
     pa.field(schema.MEMORIZATION_STATUS, pa.string()),
 )
+# With the second stage on (confirm_generations / confirm_steps, or a two-stage threshold file), also: the confirm
+# score (float32, null unless the row's score was over the screening threshold), placed after memorization_score.
+CONFIRM_FIELD = pa.field(schema.MEMORIZATION_CONFIRM_SCORE, pa.float32())
 
 
 def check_columns(columns: Sequence[str], caption_column: str) -> None:
@@ -52,7 +55,7 @@ def check_columns(columns: Sequence[str], caption_column: str) -> None:
             f"caption_column {caption_column!r} is not a column of the dataset; its columns are: "
             f"{', '.join(columns)}. Pass caption_column=<one of them>."
         )
-    clashes = [name for name in OUTPUT_COLUMNS if name in columns]
+    clashes = [name for name in (*OUTPUT_COLUMNS, CONFIRM_FIELD.name) if name in columns]
     if clashes:
         raise ConfigError(
             f"the dataset already has column(s) {', '.join(clashes)}, which add_memorization_scores writes "
@@ -89,7 +92,8 @@ class MemorizationScorer:
         )
 
     Keyword arguments are `ScoreConfig`'s (model, caption_column, threshold or threshold_file, generations,
-    steps, score_sigma, seed, batch_size, dtype, cuda_graphs, cpus_per_actor, storage_options). Batches may be pyarrow
+    steps, score_sigma, seed, batch_size, dtype, cuda_graphs, cpus_per_actor, storage_options, and the second
+    stage's confirm_generations, confirm_steps, screen_threshold: then memorization_confirm_score too). Batches may be pyarrow
     Tables, pandas DataFrames or dicts of numpy arrays; the result has the same kind. Only the caption column
     goes through the audit's stages, so user columns named like the audit's own (status, score, id, ...) are
     never read or changed. Bad rows (null, empty, not a string) get their status and no score, never an error;
@@ -99,6 +103,10 @@ class MemorizationScorer:
     def __init__(self, *, model: str, caption_column: str, **options: Any) -> None:
         self.config = ScoreConfig(model=model, caption_column=caption_column, **options)
         self.actor = ScoreActor(self.config)
+        fields = list(OUTPUT_FIELDS)
+        if self.actor.cascade is not None:
+            fields.insert(1, CONFIRM_FIELD)
+        self.fields = tuple(fields)
 
     def __call__(self, batch: Any) -> Any:
         # 1. Check inputs.
@@ -120,16 +128,19 @@ class MemorizationScorer:
         scored = self.actor(pa.table({schema.CAPTION: caption, schema.STATUS: status, schema.ERROR: error}))
         results = {
             schema.MEMORIZATION_SCORE: scored.column(schema.SCORE),
+            schema.MEMORIZATION_CONFIRM_SCORE: scored.column(schema.CONFIRM_SCORE),
             schema.MEMORIZATION_FLAG: scored.column(schema.FLAGGED),
             schema.MEMORIZATION_STATUS: scored.column(schema.STATUS),
         }
         # 3. The results beside the user's columns, in the batch's own kind.
         if isinstance(batch, pa.Table):
-            for field in OUTPUT_FIELDS:
+            for field in self.fields:
                 batch = batch.append_column(field, results[field.name].cast(field.type))
             return batch
-        arrays = {name: column.to_numpy(zero_copy_only=False) for name, column in results.items()}
-        arrays[schema.MEMORIZATION_SCORE] = arrays[schema.MEMORIZATION_SCORE].astype(np.float32)
+        arrays = {f.name: results[f.name].to_numpy(zero_copy_only=False) for f in self.fields}
+        for field in self.fields:
+            if field.type == pa.float32():
+                arrays[field.name] = arrays[field.name].astype(np.float32)
         if isinstance(batch, dict):
             return {**batch, **arrays}
         return batch.assign(**arrays)  # pandas
@@ -153,6 +164,9 @@ def add_memorization_scores(
     dtype: str = "auto",
     cuda_graphs: bool | None = None,
     storage_options: dict[str, Any] | None = None,
+    confirm_generations: int | None = None,
+    confirm_steps: int | None = None,
+    screen_threshold: float | None = None,
 ) -> ray.data.Dataset:
     """A new Dataset: every column of `ds`, plus memorization_score (float32, null unless memorization_status is
     ok), memorization_flag (bool, score > threshold) and memorization_status (the audit's row statuses).
@@ -160,7 +174,10 @@ def add_memorization_scores(
     Scored by `actors` MemorizationScorer actors (an ActorPoolStrategy), `batch_size` captions per call, each
     with `cpus_per_actor` CPUs and `gpus_per_actor` GPUs (None: 1 when the Ray cluster reports GPUs, else 0;
     resolving it connects to or starts Ray, as running the dataset would). threshold / threshold_file as in
-    `auditor audit` (neither: nothing is flagged). The options are checked now, before anything runs: a bad
+    `auditor audit` (neither: nothing is flagged). confirm_generations / confirm_steps turn on the second stage
+    as in `auditor audit --confirm-*` (screen_threshold, or the threshold file's): rows whose score is over the
+    screening threshold are scored again in the same actor, memorization_confirm_score holds that score, and
+    memorization_flag = score > screen_threshold and confirm score > threshold. The options are checked now, before anything runs: a bad
     value, a missing caption column or an output column already in the dataset (when its schema is known
     without running it) raises ConfigError. No resume and no ledger: a failed pipeline is rerun by its owner;
     use `auditor audit` for resumable audits of a corpus.
@@ -171,6 +188,7 @@ def add_memorization_scores(
         generations=generations, steps=steps, score_sigma=score_sigma, seed=seed, batch_size=batch_size,
         cpus_per_actor=cpus_per_actor,
         dtype=dtype, cuda_graphs=cuda_graphs, storage_options=dict(storage_options or {}),
+        confirm_generations=confirm_generations, confirm_steps=confirm_steps, screen_threshold=screen_threshold,
     )  # fmt: skip
     config = ScoreConfig(**options)
     resolve_threshold(config)  # a threshold file that cannot be read fails here, not in every actor

@@ -14,6 +14,8 @@ AUDIT_FILE = "_audit.json"
 ID = "id"
 CAPTION = "caption"
 SCORE = "score"
+# The second stage's score (auditor.scoring.cascade): null unless the row's score was over the screening threshold.
+CONFIRM_SCORE = "confirm_score"
 FLAGGED = "flagged"
 SOURCE = "source"
 ROW = "row"
@@ -31,6 +33,7 @@ SHARD = "shard"
 MEMORIZATION_FLAG = "memorization_flag"
 MEMORIZATION_SCORE = "memorization_score"
 MEMORIZATION_STATUS = "memorization_status"
+MEMORIZATION_CONFIRM_SCORE = "memorization_confirm_score"  # only with the second stage on
 
 # Schema metadata key on the score actor's output batches: its Scorer.runtime as JSON (for _audit.json).
 ACTOR_RUNTIME_KEY = b"auditor.actor_runtime"
@@ -45,13 +48,21 @@ FILE_UNITS = "_file_units"
 # The Ray node that scored a row (set by the score actor; the write stage counts it into its acknowledgement and
 # drops it when staging rows, INTERNAL_COLUMNS below): per-node throughput in _audit.json only.
 NODE = "_node"
+# Denoiser rows the score actor ran for a row, per stage (identical captions are run once: the first carries it);
+# the write stage sums them into its acknowledgement's counts (DENOISER_ROWS_COUNT) and drops them.
+DENOISER_ROWS = {"screen": "_denoiser_rows_screen", "confirm": "_denoiser_rows_confirm"}
+DENOISER_ROWS_COUNT = {"screen": "denoiser_rows_screen", "confirm": "denoiser_rows_confirm"}
+# Counts key of rows that got a confirm score.
+RESCORED_COUNT = "rescored"
 UNIT_FIELDS = (
     pa.field(UNIT, pa.int32()),
     pa.field(UNIT_ROWS, pa.int64()),
     pa.field(FILE_UNITS, pa.int32()),
 )
 # Every internal column: dropped when rows are staged, so none reaches a file (nor can be a --keep-columns name).
-INTERNAL_COLUMNS = frozenset({INPUT_IDS, ATTENTION_MASK, NODE, *(f.name for f in UNIT_FIELDS)})
+INTERNAL_COLUMNS = frozenset(
+    {INPUT_IDS, ATTENTION_MASK, NODE, *DENOISER_ROWS.values(), *(f.name for f in UNIT_FIELDS)}
+)
 
 # Row statuses. Everything but OK has a null score and flagged = False.
 OK = "ok"
@@ -73,6 +84,7 @@ SCORES_SCHEMA = pa.schema(
         pa.field(ID, pa.string(), nullable=False),
         pa.field(CAPTION, pa.string()),
         pa.field(SCORE, pa.float32()),
+        pa.field(CONFIRM_SCORE, pa.float32()),
         pa.field(FLAGGED, pa.bool_(), nullable=False),
         pa.field(SOURCE, pa.string(), nullable=False),
         pa.field(ROW, pa.int64(), nullable=False),
@@ -82,7 +94,7 @@ SCORES_SCHEMA = pa.schema(
         pa.field(ERROR, pa.string()),
     ]
 )
-FLAGGED_COLUMNS = (ID, CAPTION, SCORE, SOURCE, ROW)
+FLAGGED_COLUMNS = (ID, CAPTION, SCORE, CONFIRM_SCORE, SOURCE, ROW)
 # Columns that only OUTPUT/flagged carries (never a keep-column of OUTPUT/scores).
 FLAGGED_SCHEMA_EXTRA = (TOKENS, TOKEN_SIGNIFICANCE)
 EXPLAIN_FIELDS = (

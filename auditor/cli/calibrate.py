@@ -10,16 +10,29 @@ import json
 from pathlib import Path
 
 from auditor import schema
-from auditor.cli.common import add_model_arguments, add_score_arguments, load_scorer
+from auditor.cli.common import (
+    add_model_arguments,
+    add_score_arguments,
+    confirm_options,
+    confirm_stage,
+    load_scorer,
+)
+from auditor.config import add_confirm_arguments
 from auditor.errors import InputDataError
+from auditor.scoring.cascade import DEFAULT_SCREEN_FPR
 
 EPILOG = """\
 examples:
   auditor calibrate --model ./toy-model --reference clean.txt --fpr 0.01 --out threshold.json
   auditor calibrate --model ./toy-model --reference clean.parquet --caption-column TEXT --generations 4 --out t.json
   auditor audit INPUT OUTPUT --model ./toy-model --threshold-file threshold.json
+  auditor calibrate --model ./toy-model --reference clean.txt --fpr 0.01 \
+      --confirm-generations 4 --confirm-steps 5 --screen-fpr 0.05 --out two-stage.json
 
 The threshold is the (floor(fpr*N)+1)-th largest reference score: at most fpr*N reference captions score above it.
+Two stages (--confirm-*): the screening threshold S is taken at --screen-fpr of the first stage's reference scores,
+the captions over S are scored with the confirm settings, and the threshold T is picked on their confirm scores so
+that at most fpr*N reference captions have score > S and confirm_score > T. An audit with the file runs both stages.
 """
 
 
@@ -87,34 +100,75 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="where to write the threshold JSON")
     add_score_arguments(parser)
+    second = parser.add_argument_group("second stage")
+    add_confirm_arguments(
+        second,
+        screen_threshold_help="the screening threshold S as given, instead of taking it at --screen-fpr",
+    )
+    second.add_argument(
+        "--screen-fpr",
+        type=float,
+        default=None,
+        help=f"share of the clean reference captions the screen passes to the second stage, in (--fpr, 1) "
+        f"(default {DEFAULT_SCREEN_FPR:g}; README 'Two-stage audit' says why)",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from auditor.errors import ConfigError
-    from auditor.report.calibration import calibrate_threshold, write_threshold_file
+    from auditor.report.calibration import calibrate_threshold, calibrate_two_stage, write_threshold_file
 
     if not 0 <= args.fpr < 1:
         raise ConfigError(f"--fpr must be in [0, 1), got {args.fpr}; e.g. --fpr 0.01 for 1%.")
     captions = read_caption_file(args.reference, args.caption_column)
     if not captions:
         raise InputDataError(f"--reference {args.reference} holds no captions.")
+    stage = confirm_stage(args)
+    _, _, screen_threshold = confirm_options(args)
+    if stage is None and (screen_threshold is not None or args.screen_fpr is not None):
+        raise ConfigError(
+            "--screen-fpr and --screen-threshold apply to the second stage only; pass --confirm-generations and/or "
+            "--confirm-steps to calibrate two stages, or drop them."
+        )
+    screen_fpr = args.screen_fpr if args.screen_fpr is not None else DEFAULT_SCREEN_FPR
+    if screen_threshold is not None:
+        screen_fpr = None
+    if stage is not None and screen_fpr is not None and not args.fpr < screen_fpr < 1:
+        raise ConfigError(
+            f"--screen-fpr must be in (--fpr, 1) = ({args.fpr:g}, 1), got {screen_fpr:g}: the screen must pass more "
+            "clean captions than the final FPR allows; e.g. --screen-fpr 0.05."
+        )
     scorer = load_scorer(args)
-    record = calibrate_threshold(
-        scorer,
-        captions,
-        fpr=args.fpr,
-        generations=args.generations,
-        steps=args.steps,
-        seed=args.seed,
-        reference=str(args.reference),
-        model=str(args.model),
-    )
+    common = dict(
+        fpr=args.fpr, generations=args.generations, steps=args.steps, seed=args.seed,
+        reference=str(args.reference), model=str(args.model),
+    )  # fmt: skip
+    if stage is None:
+        record = calibrate_threshold(scorer, captions, **common)
+    else:
+        record = calibrate_two_stage(
+            scorer,
+            captions,
+            confirm=stage,
+            screen_fpr=screen_fpr,
+            screen_threshold=screen_threshold,
+            **common,
+        )
     path = write_threshold_file(record, args.out)
-    # The reference histogram (146 counts, for the report) stays in the file only.
-    print(json.dumps({k: v for k, v in record.items() if k != "reference_score_histogram"}, indent=2))
-    print(
-        f"threshold {record['threshold']:.6f}: flags score > threshold; {record['reference_fpr']:.2%} of "
-        f"{record['n_reference']} reference captions are above it (target fpr {args.fpr:g}). Written to {path}"
-    )
+    # The reference histograms (146 counts each, for the report) stay in the file only.
+    print(json.dumps({k: v for k, v in record.items() if not k.endswith("score_histogram")}, indent=2))
+    if stage is None:
+        print(
+            f"threshold {record['threshold']:.6f}: flags score > threshold; {record['reference_fpr']:.2%} of "
+            f"{record['n_reference']} reference captions are above it (target fpr {args.fpr:g}). Written to {path}"
+        )
+    else:
+        print(
+            f"screen threshold {record['screen_threshold']:.6f}: {record['n_rescored']} of {record['n_reference']} "
+            f"reference captions ({record['screen_reference_fpr']:.2%}) go to the second stage "
+            f"({stage.generations} generations x {stage.steps} steps); threshold {record['threshold']:.6f} on "
+            f"their confirm scores: {record['reference_fpr']:.2%} of the reference captions are flagged "
+            f"(target fpr {args.fpr:g}). Written to {path}"
+        )
     return 0

@@ -6,11 +6,12 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from auditor.config import SCORE_SIGMA_HELP
+from auditor.config import SCORE_SIGMA_HELP, check_confirm_options
 from auditor.errors import InputDataError
 
 if TYPE_CHECKING:
     from auditor.scoring import Scorer
+    from auditor.scoring.cascade import Stage
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,3 +74,24 @@ def read_caption_lines(path: str) -> list[str]:
     if not file.is_file():
         raise InputDataError(f"--file {path} does not exist or is not a file.")
     return [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def confirm_options(args: argparse.Namespace) -> tuple[int | None, int | None, float | None]:
+    """(--confirm-generations, --confirm-steps, --screen-threshold) as given (None when not), checked."""
+    values = (
+        getattr(args, "confirm_generations", None),
+        getattr(args, "confirm_steps", None),
+        getattr(args, "screen_threshold", None),
+    )
+    check_confirm_options(*values, lambda name: f"--{name}")
+    return values
+
+
+def confirm_stage(args: argparse.Namespace) -> Stage | None:
+    """The second stage the flags ask for (the option not given is 1), or None without --confirm-*."""
+    from auditor.scoring.cascade import Stage
+
+    generations, steps, _ = confirm_options(args)
+    if generations is None and steps is None:
+        return None
+    return Stage(generations or 1, steps or 1)

@@ -10,14 +10,27 @@ import json
 from pathlib import Path
 
 from auditor.cli.calibrate import read_caption_file
-from auditor.cli.common import add_model_arguments, add_score_sigma_argument, load_scorer
+from auditor.cli.common import (
+    add_model_arguments,
+    add_score_sigma_argument,
+    confirm_options,
+    confirm_stage,
+    load_scorer,
+)
+from auditor.config import add_confirm_arguments
 from auditor.errors import ConfigError
+from auditor.scoring.cascade import DEFAULT_SCREEN_FPR
 
 EPILOG = """\
 examples:
   auditor evaluate --model .cache/toy-model                      toy manifest: memorized vs held-out / seen-once
   auditor evaluate --model .cache/toy-model --generations 1 4 --steps 1 5
   auditor evaluate --model ./sd --positives mem.txt --negatives clean.parquet --caption-column TEXT --json
+  auditor evaluate --model .cache/toy-model --confirm-generations 4 --confirm-steps 5 --screen-fpr 0.05
+
+With --confirm-*, a two-stage row is added per negative set: the first --generations and --steps screen, the captions
+over the screening threshold (at --screen-fpr of that set's scores, or --screen-threshold) get the confirm score,
+and AUC / TPR@FPR are those of the cascade's ranking (steps and generations show as screen->confirm).
 
 TPR@1%FPR is the TPR at the last ROC point with FPR strictly below 1% (the reference notebook's convention).
 """
@@ -53,6 +66,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_score_sigma_argument(parser)
     parser.add_argument("--fpr", type=float, default=0.01, help="FPR for the TPR column (default 0.01)")
     parser.add_argument("--batch-size", type=int, default=32, help="captions per UNet batch (default 32)")
+    second = parser.add_argument_group("second stage")
+    add_confirm_arguments(
+        second,
+        screen_threshold_help="the screening threshold S as given, instead of --screen-fpr of the negatives",
+    )
+    second.add_argument(
+        "--screen-fpr",
+        type=float,
+        default=None,
+        help=f"share of each negative set the screen passes to the second stage (default {DEFAULT_SCREEN_FPR:g})",
+    )
     parser.add_argument(
         "--no-similarity",
         action="store_true",
@@ -80,6 +104,16 @@ def run(args: argparse.Namespace) -> int:
         )
     if not 0 < args.fpr < 1:
         raise ConfigError(f"--fpr must be in (0, 1), got {args.fpr}.")
+    stage = confirm_stage(args)
+    _, _, screen_threshold = confirm_options(args)
+    screen_fpr = DEFAULT_SCREEN_FPR if args.screen_fpr is None else args.screen_fpr
+    if stage is None and (screen_threshold is not None or args.screen_fpr is not None):
+        raise ConfigError(
+            "--screen-fpr and --screen-threshold apply to the second stage only; pass --confirm-generations and/or "
+            "--confirm-steps to evaluate two stages, or drop them."
+        )
+    if stage is not None and screen_threshold is None and not 0 < screen_fpr < 1:
+        raise ConfigError(f"--screen-fpr must be in (0, 1), got {screen_fpr}; e.g. --screen-fpr 0.05.")
     manifest = None
     if args.positives is not None:
         positives = read_caption_file(args.positives, args.caption_column, "--positives")
@@ -104,6 +138,15 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         fpr=args.fpr,
     )
+    if stage is not None:
+        from auditor.report.detection import evaluate_cascade
+        from auditor.scoring.cascade import Stage
+
+        rows += evaluate_cascade(
+            scorer, positives, negative_sets, screen=Stage(args.generations[0], args.steps[0]), confirm=stage,
+            screen_fpr=None if screen_threshold is not None else screen_fpr, screen_threshold=screen_threshold,
+            seed=args.seed, fpr=args.fpr,
+        )  # fmt: skip
     similarity = None
     if manifest is not None and not args.no_similarity:
         similarity = toy_similarity(scorer, manifest, args.seed, args.similarity_samples)

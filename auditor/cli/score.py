@@ -5,13 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 
-from auditor.cli.common import add_model_arguments, add_score_arguments, load_scorer, read_caption_lines
-from auditor.errors import InputDataError
+from auditor.cli.common import (
+    add_model_arguments,
+    add_score_arguments,
+    confirm_options,
+    confirm_stage,
+    load_scorer,
+    read_caption_lines,
+)
+from auditor.config import add_confirm_arguments
+from auditor.errors import ConfigError, InputDataError
 
 EPILOG = """\
 examples:
   auditor score --model ./toy-model "a red cat sitting in a park" "mona lisa"
   auditor score --model s3://models/sd15 --file captions.txt --generations 4 --json
+  auditor score --model ./toy-model --file captions.txt --confirm-generations 4 --confirm-steps 5 --screen-threshold 0.3
+
+With --confirm-*, every caption over --screen-threshold (every caption when it is not given) also gets the second
+stage's confirm_score: the score with the confirm generations and steps.
 """
 
 
@@ -30,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     add_score_arguments(parser)
+    add_confirm_arguments(
+        parser.add_argument_group("second stage"),
+        screen_threshold_help="captions with a score > S also get confirm_score (default: every caption)",
+    )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per caption instead of a table"
     )
@@ -37,22 +53,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from auditor.scoring.cascade import Cascade, Stage, score_stages
+
     captions = list(args.captions) + (read_caption_lines(args.file) if args.file else [])
     if not captions:
         raise InputDataError("no captions given; pass them as arguments or with --file captions.txt.")
+    stage = confirm_stage(args)
+    _, _, screen_threshold = confirm_options(args)
+    if stage is None and screen_threshold is not None:
+        raise ConfigError(
+            "--screen-threshold applies to the second stage only; pass --confirm-generations and/or "
+            "--confirm-steps to turn it on, or drop --screen-threshold."
+        )
     scorer = load_scorer(args)
     tokens = scorer.tokenize(captions)
-    scores = scorer.score_tokenized(tokens, generations=args.generations, steps=args.steps, seed=args.seed)
-    rows = [
-        {"score": float(s), "n_tokens": int(n), "truncated": bool(t), "caption": c}
-        for s, n, t, c in zip(scores, tokens.n_tokens, tokens.truncated, captions, strict=True)
-    ]
+    # Without --screen-threshold every caption gets the second stage (-inf is below every score).
+    cascade = (
+        None
+        if stage is None
+        else Cascade(stage, -float("inf") if screen_threshold is None else screen_threshold)
+    )
+    result = score_stages(scorer, tokens, Stage(args.generations, args.steps), cascade, args.seed)
+    rows = []
+    for score, confirm, n, t, caption in zip(
+        result.score, result.confirm_score, tokens.n_tokens, tokens.truncated, captions, strict=True
+    ):
+        row = {"score": float(score), "n_tokens": int(n), "truncated": bool(t), "caption": caption}
+        if cascade is not None:
+            row = {
+                "score": row["score"],
+                "confirm_score": None if confirm != confirm else float(confirm),
+                **row,
+            }
+        rows.append(row)
     if args.json:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
         return 0
-    print(f"{'score':>10}  {'tokens':>6}  caption")
+    confirm_header = f"  {'confirm':>10}" if cascade is not None else ""
+    print(f"{'score':>10}{confirm_header}  {'tokens':>6}  caption")
     for row in rows:
         mark = " (truncated)" if row["truncated"] else ""
-        print(f"{row['score']:10.4f}  {row['n_tokens']:6d}  {row['caption']}{mark}")
+        confirm = ""
+        if cascade is not None:
+            confirm = "  " + ("-" if row["confirm_score"] is None else f"{row['confirm_score']:.4f}").rjust(
+                10
+            )
+        print(f"{row['score']:10.4f}{confirm}  {row['n_tokens']:6d}  {row['caption']}{mark}")
     return 0

@@ -49,7 +49,9 @@ from auditor.pipeline.commit import (
 from auditor.pipeline.metrics import DriverMetrics
 from auditor.pipeline.plan import AuditPlan, WorkItem, committed_units, plan_audit, record_matches
 from auditor.pipeline.progress import AuditProgress
+from auditor.pipeline.stage_summary import stages_summary
 from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, stage_and_acknowledge
+from auditor.scoring.cascade import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -716,6 +718,8 @@ def summarize(
         "run_fingerprint": plan.fingerprint,
         "threshold": plan.threshold.value,
         "threshold_origin": plan.threshold.origin,
+        "screen_threshold": plan.threshold.cascade.screen_threshold if plan.threshold.cascade else None,
+        "stages": stages_summary(Stage(cfg.generations, cfg.steps), plan.threshold, done_records),
         "partitioning": {"style": "hive", "column": schema.SHARD, "meaning": "one value per input file"},
         "layout": {
             "scores": f"{SCORES_DIR}/{schema.SHARD}=<file-key>/part-u<unit>.parquet: every row of one work unit",

@@ -39,6 +39,8 @@ class UnitState:
     histogram: list[int] = field(default_factory=lambda: [0] * N_COUNTS)
     nodes: Counter = field(default_factory=Counter)  # rows scored per Ray node
     lengths: dict[int, list[int]] = field(default_factory=dict)  # n_tokens -> [rows, flagged]
+    stages: Counter = field(default_factory=Counter)  # rows re-scored, denoiser rows by stage (stage_counts)
+    confirm_histogram: list[int] = field(default_factory=lambda: [0] * N_COUNTS)
 
     @property
     def main_node(self) -> str | None:
@@ -89,6 +91,9 @@ class UnitTracker:
                     pair = state.lengths.setdefault(int(length), [0, 0])
                     pair[0] += rows
                     pair[1] += flagged
+                state.stages.update(json.loads(ack["stages"] or "{}"))
+                for index, count in json.loads(ack["confirm_histogram"] or "{}").items():
+                    state.confirm_histogram[int(index)] += count
             elif ack["kind"] == ACK_END:
                 state.expected, state.first_row, state.file_units = (
                     ack["rows"],
@@ -159,6 +164,8 @@ def unit_record(
         "counts": dict(state.counts) if done else {},
         "histogram": sparse_histogram(state.histogram) if done else {},
         "lengths": {str(k): v for k, v in sorted(state.lengths.items())} if done else {},
+        "stages": dict(state.stages) if done else {},
+        "confirm_histogram": sparse_histogram(state.confirm_histogram) if done else {},
         "parts": parts,
         "error": state.error,
         "finished_at": utc_now(),

@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 ROWS_SCORED = "auditor_rows_scored"  # counter {model, status}: rows through a score actor, by row status
 ROWS_FLAGGED = "auditor_rows_flagged"  # counter {model}: rows with score > threshold
 BATCH_SECONDS = "auditor_batch_seconds"  # histogram {model}: seconds per score-actor call
+ROWS_RESCORED = (
+    "auditor_rows_rescored"  # counter {model}: rows the second stage scored again (over the screen)
+)
+DENOISER_ROWS = (
+    "auditor_denoiser_rows"  # counter {model, stage}: denoiser rows run, by stage (screen, confirm)
+)
 UNITS_COMMITTED = "auditor_units_committed"  # counter {model}: work units committed by the driver
 UNITS_FAILED = "auditor_units_failed"  # counter {model}
 UNITS_REMAINING = "auditor_units_remaining"  # gauge {model}: units this run still has to process
@@ -32,6 +38,8 @@ METRIC_NAMES = (
     ROWS_SCORED,
     ROWS_FLAGGED,
     BATCH_SECONDS,
+    ROWS_RESCORED,
+    DENOISER_ROWS,
     UNITS_COMMITTED,
     UNITS_FAILED,
     UNITS_REMAINING,
@@ -39,6 +47,7 @@ METRIC_NAMES = (
 )
 MODEL_TAG = "model"
 STATUS_TAG = "status"
+STAGE_TAG = "stage"
 FINGERPRINT_CHARS = 12  # the model tag: a prefix of the sha256 fingerprint (one value per model)
 # A batch of 32-256 captions takes ~0.05 s on a GPU and seconds to minutes on a CPU actor.
 BATCH_SECONDS_BOUNDARIES = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0]
@@ -81,9 +90,23 @@ class ScoreMetrics:
         )
         self.flagged = _metric("counter", ROWS_FLAGGED, "Rows flagged (score > threshold).", (MODEL_TAG,))
         self.seconds = _metric("histogram", BATCH_SECONDS, "Seconds per score-actor batch.", (MODEL_TAG,))
+        self.rescored = _metric(
+            "counter", ROWS_RESCORED, "Rows scored again by the second stage.", (MODEL_TAG,)
+        )
+        self.denoiser_rows = _metric(
+            "counter", DENOISER_ROWS, "Denoiser rows run, by stage (the GPU cost).", (MODEL_TAG, STAGE_TAG)
+        )
 
-    def record_batch(self, statuses: Mapping[str, int], flagged: int, seconds: float) -> None:
-        """statuses: data rows of the batch by status; seconds: the whole call."""
+    def record_batch(
+        self,
+        statuses: Mapping[str, int],
+        flagged: int,
+        seconds: float,
+        rescored: int = 0,
+        denoiser_rows: Mapping[str, int] | None = None,
+    ) -> None:
+        """statuses: data rows of the batch by status; seconds: the whole call; rescored: rows the second stage
+        scored; denoiser_rows: rows run by stage."""
         if not self.enabled:
             return
         try:
@@ -92,6 +115,11 @@ class ScoreMetrics:
                     self.rows.inc(count, tags={**self.tags, STATUS_TAG: status})
             if flagged:
                 self.flagged.inc(flagged, tags=self.tags)
+            if rescored:
+                self.rescored.inc(rescored, tags=self.tags)
+            for stage, count in (denoiser_rows or {}).items():
+                if count:
+                    self.denoiser_rows.inc(count, tags={**self.tags, STAGE_TAG: stage})
             self.seconds.observe(seconds, tags=self.tags)
         except Exception:  # observability boundary: a metric that fails never fails a batch
             logger.debug("recording the batch metrics failed", exc_info=True)

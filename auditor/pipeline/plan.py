@@ -18,12 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from auditor.config import AuditConfig
+from auditor.config import AuditConfig, ScoreConfig
 from auditor.errors import ConfigError, InputDataError
 from auditor.io import ledger as ledger_mod
 from auditor.io.inputs import InputFile, list_inputs, peek_columns
 from auditor.io.storage import filesystem_for, read_json
-from auditor.report.calibration import SCALE_FIELDS, calibration_mismatch
+from auditor.report.calibration import calibration_mismatch, score_options_of
+from auditor.scoring.cascade import Cascade, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,12 @@ CAPTION_NAMES = ("caption", "captions", "text", "prompt", "alt", "alt_text", "de
 
 @dataclass(frozen=True)
 class ThresholdChoice:
-    """value None: nothing is flagged. origin: {"kind": "none" | "flag" | "file", ...}."""
+    """value None: nothing is flagged. origin: {"kind": "none" | "flag" | "file", ...}. cascade: the second stage
+    (None: one stage, flagged = score > value); with it, value applies to the confirm score."""
 
     value: float | None
     origin: dict[str, Any]
+    cascade: Cascade | None = None
 
 
 @dataclass(frozen=True)
@@ -80,11 +83,18 @@ class AuditPlan:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_threshold(cfg: AuditConfig) -> ThresholdChoice:
+def resolve_threshold(cfg: ScoreConfig) -> ThresholdChoice:
+    """The flagging threshold and the second stage, from the options and the threshold file."""
     if cfg.threshold is not None:
-        return ThresholdChoice(float(cfg.threshold), {"kind": "flag", "value": float(cfg.threshold)})
-    if cfg.threshold_file is None:
-        return ThresholdChoice(None, {"kind": "none"})
+        value, origin = float(cfg.threshold), {"kind": "flag", "value": float(cfg.threshold)}
+    elif cfg.threshold_file is None:
+        value, origin = None, {"kind": "none"}
+    else:
+        value, origin = read_threshold_file(cfg)
+    return ThresholdChoice(value, origin, resolve_cascade(cfg, origin.get("content")))
+
+
+def read_threshold_file(cfg: ScoreConfig) -> tuple[float, dict[str, Any]]:
     expected = 'JSON with {"threshold": <number>, ...}, as `auditor calibrate` writes'
     try:
         content = read_json(cfg.threshold_file, cfg.storage_options)
@@ -97,7 +107,47 @@ def resolve_threshold(cfg: AuditConfig) -> ThresholdChoice:
         raise ConfigError(
             f"--threshold-file {cfg.threshold_file} has threshold {value!r}; it must be {expected} (a finite number)."
         )
-    return ThresholdChoice(float(value), {"kind": "file", "path": cfg.threshold_file, "content": content})
+    return float(value), {"kind": "file", "path": cfg.threshold_file, "content": content}
+
+
+def resolve_cascade(cfg: ScoreConfig, content: dict[str, Any] | None) -> Cascade | None:
+    """The second stage: the options' settings, each one not given taken from a two-stage threshold file (else 1);
+    or the file's own when no option is given. Its screening threshold: the option's, else the file's."""
+    o = cfg.option
+    where = f"--threshold-file {cfg.threshold_file}"
+    recorded = (content or {}).get("confirm")
+    file_stage = Stage.from_dict(recorded, f"{where}: confirm") if recorded is not None else None
+    if cfg.confirm_generations is None and cfg.confirm_steps is None:
+        stage = file_stage
+    else:
+        stage = Stage(
+            cfg.confirm_generations or (file_stage.generations if file_stage else 1),
+            cfg.confirm_steps or (file_stage.steps if file_stage else 1),
+        )
+    if stage is None:
+        if cfg.screen_threshold is not None:
+            raise ConfigError(
+                f"{o('screen-threshold')} applies to the second stage only; pass {o('confirm-generations')} "
+                f"and/or {o('confirm-steps')} to turn it on, or drop {o('screen-threshold')}."
+            )
+        return None
+    screen = cfg.screen_threshold
+    if screen is None:
+        screen = (content or {}).get("screen_threshold")
+        if screen is not None and (
+            isinstance(screen, bool) or not isinstance(screen, int | float) or not math.isfinite(screen)
+        ):
+            raise ConfigError(
+                f"{where} has screen_threshold {screen!r}; it must be a finite number. Rewrite it with "
+                "`auditor calibrate --confirm-generations N --confirm-steps K`, or pass --screen-threshold S."
+            )
+    if screen is None:
+        raise ConfigError(
+            f"the second stage ({o('confirm-generations')} {stage.generations}, {o('confirm-steps')} {stage.steps}) "
+            f"needs a screening threshold: pass {o('screen-threshold')} S, or a {o('threshold-file')} written by "
+            "`auditor calibrate --confirm-generations N --confirm-steps K` (it records screen_threshold)."
+        )
+    return Cascade(stage, float(screen))
 
 
 def warn_if_calibrated_elsewhere(
@@ -133,6 +183,9 @@ def run_fingerprint(cfg: AuditConfig, model_fingerprint: str, threshold: Thresho
     for name in OPTIONAL_RESULT_FIELDS:
         if getattr(cfg, name) is not None:
             payload[name] = getattr(cfg, name)
+    # The second stage changes confirm_score and the flags; off, the payload is what it was before it existed.
+    if threshold.cascade is not None:
+        payload["confirm"] = threshold.cascade.to_dict()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -288,7 +341,7 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
     root = resolve_model_dir(cfg.model, cfg.storage_options)
     model_family = check_model_dir(root).name
     model_fingerprint = fingerprint_model(root)
-    score_options = {name: getattr(cfg, name) for name in SCALE_FIELDS}
+    score_options = score_options_of(cfg.to_json(), threshold.cascade)
     warn_if_calibrated_elsewhere(threshold, model_family, model_fingerprint, score_options)
     fingerprint = run_fingerprint(cfg, model_fingerprint, threshold)
     timings["model_fingerprint"] = time.perf_counter() - started

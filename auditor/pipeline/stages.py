@@ -33,6 +33,7 @@ from auditor.io.units import WorkUnit, units_of
 from auditor.pipeline.metrics import ScoreMetrics, ray_active
 from auditor.pipeline.plan import load_explain, resolve_threshold
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table, tokenized_from_table
+from auditor.scoring.cascade import CONFIRM, SCREEN, Stage, flag_rows
 from auditor.scoring.tokens import TokenizedCaptions
 
 logger = logging.getLogger(__name__)
@@ -167,10 +168,20 @@ class ScoreActor:
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.host_info = {"host": socket.gethostname(), "torch_threads": torch.get_num_threads()}
         self.node = current_node()
-        self.threshold = resolve_threshold(cfg).value
+        threshold = resolve_threshold(cfg)
+        self.threshold = threshold.value
+        self.cascade = threshold.cascade
+        # The stages this actor runs, and one bounded score cache per stage (a stage's score of a caption depends
+        # on its token ids and nothing else).
+        self.stages = {SCREEN: Stage(cfg.generations, cfg.steps)}
+        if self.cascade is not None:
+            self.stages[CONFIRM] = self.cascade.confirm
+            # Under CUDA graphs: the second stage's first step replays the first stage's graph (a smaller batch is
+            # padded into it), its later steps and CFG pairs run eagerly (ragged, few rows: no graph per size).
+            self.scorer.runtime["second_stage"] = "first step as the first stage; later steps eager"
         self.explain = load_explain() if cfg.explain_flagged else None
         self.tokenizer = CaptionTokenizer(self.scorer.caption_tokenizer)
-        self._cache: OrderedDict[bytes, float] = OrderedDict()
+        self._caches: dict[str, OrderedDict[bytes, float]] = {stage: OrderedDict() for stage in self.stages}
         self.cache_hits = 0
         if model_fingerprint is None and ray_active():
             model_fingerprint = self.scorer.fingerprint
@@ -184,18 +195,29 @@ class ScoreActor:
         tokens, ok = tokenized_from_table(batch)
         status = batch.column(schema.STATUS).to_pylist()
         errors = batch.column(schema.ERROR).to_pylist()
-        scores = np.full(batch.num_rows, np.nan, dtype=np.float32)
+        n = batch.num_rows
+        scores = np.full(n, np.nan, dtype=np.float32)
+        confirm = np.full(n, np.nan, dtype=np.float32)
+        cost = {stage: np.zeros(n, dtype=np.int32) for stage in self.stages}
         if ok.any():
             try:
-                scores[ok] = self._score(tokens)
+                scores[ok], cost[SCREEN][ok] = self._score(tokens, SCREEN)
+                if self.cascade is not None:
+                    again = ok.copy()
+                    again[ok] = self.cascade.rescore(scores[ok])
+                    if again.any():
+                        confirm[again], cost[CONFIRM][again] = self._score(tokens.take(again[ok]), CONFIRM)
             except Exception as exc:  # batch boundary: the rows get a status, the audit goes on
                 logger.exception("scoring a batch of %d rows failed", int(ok.sum()))
                 for index in np.flatnonzero(ok):
                     status[index], errors[index] = schema.SCORE_ERROR, f"{type(exc).__name__}: {exc}"
                 ok = np.zeros_like(ok)
-        flagged = ok & (scores > self.threshold) if self.threshold is not None else np.zeros_like(ok)
+                confirm[:] = np.nan
+        rescored = ok & np.isfinite(confirm)
+        flagged = ok & flag_rows(scores, self.threshold, self.cascade, confirm)
         out = batch.drop_columns([schema.INPUT_IDS, schema.ATTENTION_MASK, schema.STATUS, schema.ERROR])
         out = out.append_column(schema.SCORE, pa.array(scores, mask=~ok))
+        out = out.append_column(schema.CONFIRM_SCORE, pa.array(confirm, mask=~rescored))
         out = out.append_column(schema.FLAGGED, pa.array(flagged))
         out = out.append_column(schema.STATUS, pa.array(status, pa.string()))
         out = out.append_column(schema.ERROR, pa.array(errors, pa.string()))
@@ -207,36 +229,48 @@ class ScoreActor:
         # What this actor really runs with (a capture can fail, the shared head can turn off at its first score)
         # rides along in the schema metadata of batches it scored, when that is settled: no per-row cost, and the
         # driver strips it before writing.
+        for stage, rows in cost.items():
+            out = out.append_column(schema.DENOISER_ROWS[stage], pa.array(rows, pa.int32()))
         if self.metrics.enabled:
             data_rows = Counter(s for s in status if s not in schema.CONTROL_STATUSES)
-            self.metrics.record_batch(data_rows, int(flagged.sum()), time.perf_counter() - started)
+            self.metrics.record_batch(
+                data_rows,
+                int(flagged.sum()),
+                time.perf_counter() - started,
+                rescored=int(rescored.sum()),
+                denoiser_rows={stage: int(rows.sum()) for stage, rows in cost.items()},
+            )
         if ok.any():
             runtime = json.dumps({**self.scorer.runtime, **self.host_info}, sort_keys=True)
             out = out.replace_schema_metadata({schema.ACTOR_RUNTIME_KEY: runtime.encode()})
         return out
 
-    def _score(self, tokens: TokenizedCaptions) -> np.ndarray:
-        """(B,) float32. Identical token ids score identically (the score depends on nothing else), so rows seen
-        in an earlier batch of this actor come from a bounded cache and only the rest reach the Scorer.
+    def _score(self, tokens: TokenizedCaptions, stage: str) -> tuple[np.ndarray, np.ndarray]:
+        """(B,) float32 scores of one stage and (B,) int32 denoiser rows run for each row. Identical token ids score
+        identically (the score depends on nothing else), so rows seen in an earlier batch of this actor come from
+        the stage's bounded cache, and only the first of identical rows of this batch reaches the Scorer and
+        carries the cost.
         """
+        settings = self.stages[stage]
+        cache = self._caches[stage]
         keys = [hashlib.sha1(row.tobytes()).digest() for row in tokens.input_ids]
-        scores = np.array([self._cache.get(k, np.nan) for k in keys], dtype=np.float32)
+        scores = np.array([cache.get(k, np.nan) for k in keys], dtype=np.float32)
+        cost = np.zeros(len(keys), dtype=np.int32)
         missing = np.isnan(scores)
         self.cache_hits += int((~missing).sum())
         if missing.any():
-            subset = TokenizedCaptions(
-                tokens.input_ids[missing], tokens.attention_mask[missing], tokens.n_tokens[missing],
-                tokens.truncated[missing],
-            )  # fmt: skip
+            subset = tokens.take(missing)
             fresh = self.scorer.score_tokenized(
-                subset, generations=self.cfg.generations, steps=self.cfg.steps, seed=self.cfg.seed
+                subset, generations=settings.generations, steps=settings.steps, seed=self.cfg.seed
             )
             scores[missing] = fresh
+            _, first = np.unique(subset.input_ids, axis=0, return_index=True)
+            cost[np.flatnonzero(missing)[first]] = self.scorer.denoiser_rows_per_caption(settings)
             for key, value in zip((k for k, m in zip(keys, missing, strict=True) if m), fresh, strict=True):
-                self._cache[key] = float(value)
-                if len(self._cache) > SCORE_CACHE_ROWS:
-                    self._cache.popitem(last=False)
-        return scores
+                cache[key] = float(value)
+                if len(cache) > SCORE_CACHE_ROWS:
+                    cache.popitem(last=False)
+        return scores, cost
 
     def _add_explanations(self, out: pa.Table, flagged: np.ndarray) -> pa.Table:
         tokens: list[list[str] | None] = [None] * out.num_rows
@@ -285,6 +319,8 @@ ACK_SCHEMA = pa.schema(
         pa.field("runtime", pa.string()),  # the score actor's runtime JSON, when the batch carried it
         pa.field("nodes", pa.string()),  # JSON {node: rows} of the nodes that scored the staged rows
         pa.field("tokens", pa.string()),  # JSON {n_tokens: [rows, flagged]} of the rows with a caption length
+        pa.field("stages", pa.string()),  # JSON stage_counts(): rows re-scored, denoiser rows by stage
+        pa.field("confirm_histogram", pa.string()),  # JSON {bin: n} of the confirm scores, nonzero bins only
     ]
 )
 
@@ -300,6 +336,24 @@ def length_counts(rows: pa.Table) -> dict[int, list[int]]:
             pair[0] += 1
             pair[1] += bool(is_flagged)
     return counts
+
+
+def stage_counts(rows: pa.Table) -> dict[str, int]:
+    """{"rescored": rows with a confirm score, "denoiser_rows_<stage>": rows run} for a unit's scored rows."""
+    confirm = rows.column(schema.CONFIRM_SCORE) if schema.CONFIRM_SCORE in rows.column_names else None
+    counts = {schema.RESCORED_COUNT: 0 if confirm is None else rows.num_rows - confirm.null_count}
+    for stage, column in schema.DENOISER_ROWS.items():
+        if column in rows.column_names:
+            counts[schema.DENOISER_ROWS_COUNT[stage]] = int(pc.sum(rows.column(column)).as_py() or 0)
+    return counts
+
+
+def sparse_counts(scores: pa.ChunkedArray | None) -> dict[int, int]:
+    """{bin: n} of the scores' histogram (auditor.histogram), nonzero bins only; {} for no column."""
+    if scores is None:
+        return {}
+    values = scores.to_numpy(zero_copy_only=False).astype(np.float64)
+    return {i: n for i, n in enumerate(count_scores(values)) if n}
 
 
 def stage_and_acknowledge(batch: pa.Table, cfg: AuditConfig) -> pa.Table:
@@ -338,8 +392,8 @@ def stage_and_acknowledge(batch: pa.Table, cfg: AuditConfig) -> pa.Table:
         counts = Counter(rows.column(schema.STATUS).to_pylist())
         flagged = rows.column(schema.FLAGGED)
         counts["flagged"] = int(pc.sum(flagged).as_py() or 0)
-        scores = rows.column(schema.SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
-        histogram = {i: n for i, n in enumerate(count_scores(scores)) if n}
+        histogram = sparse_counts(rows.column(schema.SCORE))
+        confirm = rows.column(schema.CONFIRM_SCORE) if schema.CONFIRM_SCORE in rows.column_names else None
         nodes = (
             Counter(rows.column(schema.NODE).to_pylist()) if schema.NODE in rows.column_names else Counter()
         )
@@ -355,6 +409,8 @@ def stage_and_acknowledge(batch: pa.Table, cfg: AuditConfig) -> pa.Table:
                 "histogram": json.dumps(histogram),
                 "nodes": json.dumps(dict(nodes)),
                 "tokens": json.dumps(length_counts(rows)),
+                "stages": json.dumps(stage_counts(rows)),
+                "confirm_histogram": json.dumps(sparse_counts(confirm)),
             }
         )
     if acks and runtime is not None:

@@ -24,6 +24,7 @@ import torch
 
 from auditor.errors import ConfigError
 from auditor.scoring import magnitude, shared_prefix
+from auditor.scoring.cascade import Cascade, CascadeScores, Stage, denoiser_rows_per_caption, score_stages
 from auditor.scoring.families import Conditioning, ModelFamily, build_family
 from auditor.scoring.loading import ModelComponents, fingerprint_model, load_components, resolve_model_dir
 from auditor.scoring.tokens import TokenizedCaptions
@@ -346,6 +347,32 @@ class Scorer:
                 chunk_scores.append(self.magnitudes(prompt_embeds, x_T, steps))
         unique_scores = torch.cat(chunk_scores).cpu().numpy()
         return unique_scores[inverse.reshape(-1)]
+
+    def score_cascade(
+        self,
+        captions: Sequence[str],
+        *,
+        screen_threshold: float,
+        confirm_generations: int = 4,
+        confirm_steps: int = 5,
+        generations: int = 1,
+        steps: int = 1,
+        seed: int = 0,
+    ) -> CascadeScores:
+        """The two-stage score: `score(captions, generations, steps, seed)` for every caption, then, for the captions
+        scoring over `screen_threshold`, `score(..., generations=confirm_generations, steps=confirm_steps, seed)`
+        (`confirm_score`, NaN for the others). Each stage's scores are exactly what `score` gives alone.
+        """
+        for name, value in (("confirm_generations", confirm_generations), ("confirm_steps", confirm_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}.")
+        cascade = Cascade(Stage(confirm_generations, confirm_steps), float(screen_threshold))
+        self.check_score_args(confirm_generations, confirm_steps, seed, None)
+        return score_stages(self, self.tokenize(captions), Stage(generations, steps), cascade, seed)
+
+    def denoiser_rows_per_caption(self, stage: Stage) -> int:
+        """Denoiser rows one caption costs in `stage` with this family's sampler (its lead-in steps included)."""
+        return denoiser_rows_per_caption(stage, self.family.lead_in_steps)
 
     def check_score_args(
         self, generations: int, steps: int, seed: int, latents: torch.Tensor | None

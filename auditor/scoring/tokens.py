@@ -35,6 +35,12 @@ class TokenizedCaptions:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def take(self, rows: np.ndarray) -> TokenizedCaptions:
+        """The rows selected by a (B,) bool mask or an index array, in that order."""
+        return TokenizedCaptions(
+            self.input_ids[rows], self.attention_mask[rows], self.n_tokens[rows], self.truncated[rows]
+        )
+
 
 def load_tokenizer(folder: Path) -> Any:
     """The tokenizer of a model's `tokenizer/` folder, the class AutoTokenizer would pick, without torch.
