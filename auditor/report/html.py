@@ -31,7 +31,7 @@ from auditor.report.audit_output import (
     scan_scores,
     top_flagged,
 )
-from auditor.report.calibration import SCALE_FIELDS, calibration_mismatch
+from auditor.report.calibration import calibration_mismatch, score_options_of
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def threshold_view(current: AuditOutput) -> dict[str, Any]:
             content,
             summary.get("model_family") or "",
             summary.get("model_fingerprint") or "",
-            {name: config[name] for name in SCALE_FIELDS if name in config},
+            score_options_of(config, (summary.get("stages") or {}).get("confirm")),
         )
         if why is not None:
             view["warning"] = f"The threshold {why}"
@@ -297,7 +297,9 @@ def reference_histogram(current: AuditOutput) -> list[int] | None:
 def distribution_section(current: AuditOutput, scan: ScoreScan) -> dict[str, Any]:
     counts = scan.histogram
     reference = reference_histogram(current)
-    threshold = current.threshold
+    second = second_stage_section(current)
+    # With a second stage the first stage's line is the screening threshold; the threshold applies to confirm scores.
+    threshold = current.threshold if second is None else second["screen_threshold"]
     content = ((current.summary.get("threshold_origin") or {}).get("content")) or {}
     above = None
     if threshold is not None:
@@ -305,7 +307,13 @@ def distribution_section(current: AuditOutput, scan: ScoreScan) -> dict[str, Any
         above = histogram.count_above(counts, threshold)
     quantiles = content.get("reference_score_quantiles") or {}
     return {
-        "svg": plots.plot_score_histogram(counts, threshold, reference),
+        "svg": plots.plot_score_histogram(
+            counts,
+            threshold,
+            reference,
+            threshold_label="threshold" if second is None else "screening threshold",
+        ),
+        "second_stage": second,
         "scored": int(sum(counts)),
         "threshold": threshold,
         "above_lower_bound": above,
@@ -319,6 +327,49 @@ def distribution_section(current: AuditOutput, scan: ScoreScan) -> dict[str, Any
         "target_fpr": content.get("fpr"),
         "n_reference": content.get("n_reference"),
         "reference_quantiles": sorted((float(q), float(v)) for q, v in quantiles.items()),
+    }
+
+
+def second_stage_section(current: AuditOutput) -> dict[str, Any] | None:
+    """The two-stage audit's view from _audit.json["stages"]: the confirm scores' distribution with the threshold
+    (and the calibration reference's, when the threshold file recorded it), the share re-scored and the cost in
+    denoiser rows per caption by stage. None for a one-stage audit."""
+    stages = current.summary.get("stages") or {}
+    confirm = stages.get("confirm")
+    if not confirm:
+        return None
+    counts = [int(c) for c in (confirm.get("confirm_score_histogram") or {}).get("counts") or []]
+    if len(counts) != histogram.N_COUNTS:
+        counts = [0] * histogram.N_COUNTS
+    content = ((current.summary.get("threshold_origin") or {}).get("content")) or {}
+    reference = (content.get("reference_confirm_score_histogram") or {}).get("counts")
+    if reference is not None and len(reference) != histogram.N_COUNTS:
+        reference = None
+    screen = stages.get("screen") or {}
+    scored = screen.get("rows") or 0
+    per_caption = {
+        name: (stages.get(name) or {}).get("denoiser_rows", 0) / scored if scored else None
+        for name in ("screen", "confirm")
+    }
+    return {
+        "svg": plots.plot_score_histogram(
+            counts,
+            current.threshold,
+            reference,
+            reference_label="reference over the screen",
+            score_label="confirm score (second stage, log scale)",
+        ),  # fmt: skip
+        "screen_threshold": confirm.get("screen_threshold"),
+        "threshold": current.threshold,
+        "screen": (screen.get("generations"), screen.get("steps")),
+        "confirm": (confirm.get("generations"), confirm.get("steps")),
+        "rescored": confirm.get("rows", 0),
+        "share": confirm.get("share_of_scored"),
+        "rows_per_caption": per_caption,
+        "total_per_caption": stages.get("denoiser_rows_per_caption"),
+        "has_reference": reference is not None,
+        "reference_screen_fpr": content.get("screen_reference_fpr"),
+        "n_reference": content.get("n_reference"),
     }
 
 

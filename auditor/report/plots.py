@@ -82,10 +82,10 @@ def _draw_bins(ax, counts: Sequence[int], span: tuple[int, int], color: str, lab
     _plain_log_axis(ax.yaxis)
 
 
-def _draw_threshold(ax, threshold: float | None) -> None:
+def _draw_threshold(ax, threshold: float | None, label: str = "threshold") -> None:
     if threshold is None:
         return
-    ax.axvline(threshold, color=FLAG_COLOR, linestyle="--", linewidth=1.4, label=f"threshold {threshold:.4f}")
+    ax.axvline(threshold, color=FLAG_COLOR, linestyle="--", linewidth=1.4, label=f"{label} {threshold:.4f}")
 
 
 @svg_plot
@@ -94,6 +94,8 @@ def plot_score_histogram(
     threshold: float | None,
     reference_counts: Sequence[int] | None = None,
     reference_label: str = "calibration reference",
+    threshold_label: str = "threshold",
+    score_label: str = "score (first-step noise magnitude, log scale)",
 ) -> str:
     """Rows per score bin (log count axis) with the threshold; the reference set's bins in a second panel."""
     span = _nonzero_range(counts, reference_counts)
@@ -111,8 +113,8 @@ def plot_score_histogram(
         axes[1].set_ylabel("captions (log scale)")
         axes[1].set_xlim(axes[0].get_xlim())
     for ax in axes:
-        _draw_threshold(ax, threshold)
-        ax.set_xlabel("score (first-step noise magnitude, log scale)")
+        _draw_threshold(ax, threshold, threshold_label)
+        ax.set_xlabel(score_label)
         if threshold is not None:
             ax.legend(loc="upper right", frameon=False)
     return figure_to_svg(fig)

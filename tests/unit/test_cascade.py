@@ -191,7 +191,8 @@ def test_a_one_stage_file_under_a_two_stage_audit_warns():
 
 
 # 3. The score actor: confirm scores equal a standalone Scorer's, for every family ----------------------------------
-def check_actor_confirm_scores(model_dir, score_sigma=None, confirm=Stage(2, 2)):
+def check_actor_confirm_scores(model_dir, score_sigma=None, confirm: Stage | None = None):
+    confirm = confirm or Stage(2, 2)
     from auditor import Scorer
 
     scorer = Scorer.from_pretrained(model_dir, device="cpu", dtype="fp32", score_sigma=score_sigma)
@@ -218,14 +219,15 @@ def check_actor_confirm_scores(model_dir, score_sigma=None, confirm=Stage(2, 2))
         else:
             assert value is None, caption
     expected_flags = [
-        bool(s > screen and c is not None and c > threshold) for s, c in zip(scores, confirm_scores)
+        bool(s > screen and c is not None and c > threshold)
+        for s, c in zip(scores, confirm_scores, strict=False)
     ]
     assert out.column(schema.FLAGGED).to_pylist() == expected_flags
     # Cost: identical captions are run once, by the first of them.
     screen_rows = out.column(schema.DENOISER_ROWS["screen"]).to_pylist()
     confirm_rows = out.column(schema.DENOISER_ROWS["confirm"]).to_pylist()
     assert screen_rows[3] == 0 and sum(screen_rows) == 7 * scorer.denoiser_rows_per_caption(Stage())
-    distinct_over = len({c for c, o in zip(CAPTIONS, over) if o})
+    distinct_over = len({c for c, o in zip(CAPTIONS, over, strict=False) if o})
     assert sum(confirm_rows) == distinct_over * scorer.denoiser_rows_per_caption(confirm)
     return scorer, out
 
@@ -253,11 +255,13 @@ def test_scorer_score_cascade_matches_two_scores(tiny_scorer):
     np.testing.assert_array_equal(result.score, first)
     again = first > screen
     np.testing.assert_array_equal(result.rescored, again)
-    expected = tiny_scorer.score([c for c, a in zip(CAPTIONS, again) if a], generations=2, steps=2, seed=1)
+    expected = tiny_scorer.score(
+        [c for c, a in zip(CAPTIONS, again, strict=False) if a], generations=2, steps=2, seed=1
+    )
     np.testing.assert_allclose(result.confirm_score[again], expected, rtol=1e-5)
     assert result.denoiser_rows == {
         "screen": 7,
-        "confirm": len({c for c, a in zip(CAPTIONS, again) if a}) * 6,
+        "confirm": len({c for c, a in zip(CAPTIONS, again, strict=False) if a}) * 6,
     }
     with pytest.raises(ConfigError, match="confirm_steps must be an int >= 1"):
         tiny_scorer.score_cascade(CAPTIONS, screen_threshold=screen, confirm_steps=0)
@@ -288,7 +292,24 @@ def test_write_stage_counts_both_stages(tmp_path, tiny_model_dir):
 
 # 4. Calibration of both thresholds -------------------------------------------------------------------------------
 def test_calibrate_two_stage_meets_the_joint_fpr(tiny_scorer):
-    words = "red green blue cat dog house tree car boat sky sea hill lamp chair book cup".split()
+    words = [
+        "red",
+        "green",
+        "blue",
+        "cat",
+        "dog",
+        "house",
+        "tree",
+        "car",
+        "boat",
+        "sky",
+        "sea",
+        "hill",
+        "lamp",
+        "chair",
+        "book",
+        "cup",
+    ]
     rng = np.random.default_rng(0)
     captions = [" ".join(rng.choice(words, size=5)) for _ in range(200)]
     record = calibrate_two_stage(
@@ -299,7 +320,9 @@ def test_calibrate_two_stage_meets_the_joint_fpr(tiny_scorer):
     scores = tiny_scorer.score(captions)
     over = scores > record["screen_threshold"]
     assert over.sum() == record["n_rescored"] <= 20 and record["screen_reference_fpr"] == over.mean()
-    confirm = tiny_scorer.score([c for c, o in zip(captions, over) if o], generations=2, steps=2)
+    confirm = tiny_scorer.score(
+        [c for c, o in zip(captions, over, strict=False) if o], generations=2, steps=2
+    )
     assert (
         (confirm > record["threshold"]).sum() == 2 == round(record["reference_fpr"] * 200)
     )  # floor(0.01 * 200)
