@@ -58,6 +58,14 @@ def run(args: argparse.Namespace) -> int:
         f"audited {result.units_done} work units of {result.files_done} files ({result.files_skipped} files already "
         f"complete), {counts.get('rows', 0)} rows: {counts.get('ok', 0)} scored, {counts.get('flagged', 0)} flagged"
     )
+    confirm = (result.summary.get("stages") or {}).get("confirm")
+    if confirm:
+        print(
+            f"second stage: {confirm['rows']} rows of the output over the screening threshold "
+            f"{confirm['screen_threshold']:g} scored again ({confirm['generations']} generations x "
+            f"{confirm['steps']} steps); {result.summary['stages']['denoiser_rows_per_caption']} denoiser rows "
+            "per scored caption"
+        )
     other = {k: v for k, v in counts.items() if k not in ("rows", "ok", "flagged")}
     if other:
         print("rows not scored: " + ", ".join(f"{k}={v}" for k, v in sorted(other.items())))

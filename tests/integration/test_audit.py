@@ -228,7 +228,8 @@ def test_config_errors_fail_before_ray_starts(tmp_path, micro_model_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, micro_model_dir):
+def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, micro_model_dir, micro_scorer):
+    """With the second stage on: the rerun re-scores exactly the rows over the screening threshold, once."""
     from auditor.pipeline.audit import run
 
     (tmp_path / "in").mkdir()
@@ -240,8 +241,10 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, micro_m
         )
     # Units of 8 rows (each file is one row group, so one unit): the write stage then stages every 8 rows, and
     # files commit one by one instead of all together at the end of this small corpus.
+    screen = float(np.quantile(micro_scorer.score(captions("file 0 shows a", n_rows), generations=4), 0.7))
     args = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(micro_model_dir), "--generations", "4",
-            "--batch-size", "4", "--num-cpus", "2", "--dtype", "fp32", "--quiet", "--unit-rows", "8"]  # fmt: skip
+            "--batch-size", "4", "--num-cpus", "2", "--dtype", "fp32", "--quiet", "--unit-rows", "8",
+            "--confirm-generations", "2", "--confirm-steps", "2", "--screen-threshold", repr(screen)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(
@@ -261,10 +264,24 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once(ray_local, tmp_path, micro_m
     done_before = sum(r["status"] == DONE for r in ledger(tmp_path / "out").values())
     assert 1 <= done_before < n_files, f"kill was not mid-way: {done_before} files done"
 
-    result = run(AuditConfig.from_argv([a for a in args if a not in ("--num-cpus", "2")]))
+    at = args.index("--num-cpus")
+    result = run(AuditConfig.from_argv(args[:at] + args[at + 2 :]))
     assert result.exit_code == 0
     assert result.files_skipped == done_before and result.files_done == n_files - done_before
-    assert_exactly_once(read_scores(tmp_path / "out"), {f"p{i:02d}.parquet": n_rows for i in range(n_files)})
+    scores = read_scores(tmp_path / "out")
+    assert_exactly_once(scores, {f"p{i:02d}.parquet": n_rows for i in range(n_files)})
+    rows = scores.to_pylist()
+    over = [r for r in rows if r["score"] > screen]
+    assert 0 < len(over) < len(rows)
+    assert all((r["confirm_score"] is not None) == (r["score"] > screen) for r in rows)
+    sample = over[:: max(1, len(over) // 6)]
+    np.testing.assert_allclose(
+        [r["confirm_score"] for r in sample],
+        micro_scorer.score([r["caption"] for r in sample], generations=2, steps=2),
+        rtol=1e-5,
+    )
+    stages = json.loads((tmp_path / "out" / "_audit.json").read_text())["stages"]
+    assert stages["confirm"]["rows"] == len(over)  # the output's rows, those of both runs
     assert not list((tmp_path / "out").rglob("_tmp-*"))
     assert not list((tmp_path / "out" / "_staging").rglob("*.parquet"))
 
