@@ -57,7 +57,7 @@ def scrape(
                     sorted(
                         (k, v)
                         for k, v in sample.labels.items()
-                        if k in (metrics.MODEL_TAG, metrics.STATUS_TAG, "le")
+                        if k in (metrics.MODEL_TAG, metrics.STATUS_TAG, metrics.STAGE_TAG, "le")
                     )
                 )
                 values[(sample.name, tags)] += sample.value
@@ -89,6 +89,8 @@ def test_audit_exports_counters_to_prometheus(tmp_path, micro_model_dir, micro_s
         key("ray_auditor_rows_scored_total", **{status: schema.NULL_CAPTION}): 1,
         key("ray_auditor_rows_scored_total", **{status: schema.EMPTY_CAPTION}): 2,
         key("ray_auditor_rows_flagged_total"): flagged,
+        # One denoiser row per distinct caption (1 generation x 1 step; the unconditional row is shared).
+        key("ray_auditor_denoiser_rows_total", **{metrics.STAGE_TAG: "screen"}): len(set(texts)),
         key("ray_auditor_units_committed_total"): 3,
         key("ray_auditor_units_remaining"): 0,
         key("ray_auditor_eta_seconds"): 0,
@@ -140,8 +142,10 @@ def test_audit_exports_counters_to_prometheus(tmp_path, micro_model_dir, micro_s
     # Tags stay few: the auditor's samples carry the model and (rows scored only) a status, nothing per row or file.
     names = {name for name, _ in values}
     exported = {n.removesuffix("_total") for n in names} | {n.rsplit("_", 1)[0] for n in names}
-    recorded = [
-        m for m in metrics.METRIC_NAMES if m != metrics.UNITS_FAILED
-    ]  # no unit failed: never recorded
+    # No unit failed and no second stage ran: those two are never recorded.
+    recorded = [m for m in metrics.METRIC_NAMES if m not in (metrics.UNITS_FAILED, metrics.ROWS_RESCORED)]
     assert {f"ray_{m}" for m in recorded} <= exported
-    assert all(dict(tags).keys() <= {metrics.MODEL_TAG, metrics.STATUS_TAG, "le"} for _, tags in values)
+    assert all(
+        dict(tags).keys() <= {metrics.MODEL_TAG, metrics.STATUS_TAG, metrics.STAGE_TAG, "le"}
+        for _, tags in values
+    )
