@@ -113,7 +113,9 @@ def main() -> int:
 
     # (c): the cascade, S calibrated at each screening FPR on the held-out captions.
     for screen_fpr in args.screen_fpr:
-        record = calibrate_two_stage(scorer, manifest.held_out, confirm=CONFIRM, fpr=0.01, screen_fpr=screen_fpr)
+        record = calibrate_two_stage(
+            scorer, manifest.held_out, confirm=CONFIRM, fpr=0.01, screen_fpr=screen_fpr
+        )
         cascade = Cascade(CONFIRM, record["screen_threshold"])
         result, seconds = timed(lambda cascade=cascade: score_stages(scorer, tokens, SCREEN, cascade, seed=0))
         flagged = flag_rows(result.score, record["threshold"], cascade, result.confirm_score)

@@ -6,6 +6,9 @@ Modes (same captions, fp16, 64x64 latents, n=1):
   (c) graphs       (b) + CUDA graphs for text encoder and first-step UNet (the graph holds the full UNet
                    forward: the shared head is not captured yet)
   (d) compiled     (b) with torch.compile(mode="reduce-overhead") on the UNet (optional, --compile)
+Then the two-stage audit at --cascade-batch (graphs on): one stage 1x1, one stage 4 generations x 5 steps, and the
+cascade 1x1 -> 4x5 with the screening threshold at the top --screen-share of these captions' first-stage scores:
+captions/s and denoiser rows per caption.
 Usage: python bench/gpu_bench.py --out DIR [--batch-sizes 8 32 64 128] [--seconds 6]
        python bench/gpu_bench.py --smoke --out DIR   (CPU, tiny model, no graphs: checks the script, measures nothing)
 """
@@ -23,8 +26,9 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from rates import batched_rate, now, paper_loop_rate  # noqa: E402
+from rates import batched_rate, now, paper_loop_rate, stages_rate  # noqa: E402
 
+from auditor.scoring.cascade import Cascade, Stage  # noqa: E402
 from auditor.scoring.scorer import Scorer  # noqa: E402
 from auditor.toy.models import (  # noqa: E402
     SD15,
@@ -71,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="bench-out", help="folder for gpu_bench.json")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64, 128])
+    parser.add_argument("--cascade-batch", type=int, default=64, help="batch size of the two-stage rows")
+    parser.add_argument(
+        "--screen-share", type=float, default=0.05, help="share of captions over the screening threshold"
+    )
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per measurement")
     parser.add_argument(
         "--compile", action="store_true", help="also time torch.compile(mode='reduce-overhead')"
@@ -129,6 +137,7 @@ def run(args: argparse.Namespace, device: torch.device, spec: TinySDSpec, dtype:
         del scorer
         if on_gpu:
             torch.cuda.empty_cache()
+    cascade_rows = cascade_table(args, components, device, dtype, captions, on_gpu)
     result = {
         "device": torch.cuda.get_device_name()
         if on_gpu
@@ -140,6 +149,7 @@ def run(args: argparse.Namespace, device: torch.device, spec: TinySDSpec, dtype:
         "text_tflop_per_caption": text_tflop,
         "bf16_matmul_peak_tflops": peak,
         "rows": rows,
+        "two_stage": cascade_rows,
     }
     (out / "gpu_bench.json").write_text(json.dumps(result, indent=2))
     print(
@@ -157,7 +167,36 @@ def run(args: argparse.Namespace, device: torch.device, spec: TinySDSpec, dtype:
         line += f" {row['compiled']:15.1f}" if args.compile else ""
         line += f" {row['graphs_tflops']:12.1f} {100 * row['graphs_fraction_of_peak']:6.1f}% {row['graphs_over_paper']:8.2f}"
         print(line + ("" if row["graphs_captured"] else "  (no graph captured: (c) ran eagerly)"))
+    print(f"\ntwo-stage audit at B={args.cascade_batch} (CUDA graphs {'on' if on_gpu else 'off'})")
+    print(f"{'setting':<34} {'captions/s':>11} {'denoiser rows/caption':>22}")
+    for row in cascade_rows:
+        print(f"{row['setting']:<34} {row['captions_per_s']:11.1f} {row['denoiser_rows_per_caption']:22.3f}")
     return 0
+
+
+def cascade_table(args, components, device, dtype, captions, on_gpu: bool) -> list[dict]:
+    """One stage 1x1, one stage 4x5, and the cascade between them, on one graphed scorer."""
+    scorer = Scorer(components, device, dtype, batch_size=args.cascade_batch)
+    if on_gpu:
+        scorer.optimize_for_cuda(cuda_graphs=True)
+    sample = captions[: args.cascade_batch * 4]
+    first = scorer.score(sample)
+    screen_threshold = float(torch.tensor(first).quantile(1 - args.screen_share))
+    screen, confirm = Stage(1, 1), Stage(4, 5)
+    rows = []
+    for name, stage, cascade in (
+        ("one stage 1x1", screen, None),
+        ("one stage 4x5", confirm, None),
+        (
+            f"cascade 1x1 -> 4x5 ({args.screen_share:.0%} re-scored)",
+            screen,
+            Cascade(confirm, screen_threshold),
+        ),
+    ):
+        rate, per_caption = stages_rate(scorer, sample, stage, cascade, args.seconds)
+        rows.append({"setting": name, "captions_per_s": rate, "denoiser_rows_per_caption": per_caption})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from auditor.scoring.cascade import Cascade, Stage, score_stages
 from auditor.scoring.scorer import Scorer
 
 
@@ -65,3 +66,19 @@ def batched_rate(scorer: Scorer, captions: list[str], seconds: float, chunks: in
             done += len(ids)
         if time.perf_counter() - start > seconds:
             return done / (now(scorer.device) - start)
+
+
+def stages_rate(
+    scorer: Scorer, captions: list[str], screen: Stage, cascade: Cascade | None, seconds: float
+) -> tuple[float, float]:
+    """(captions/s, denoiser rows per caption) of `score_stages` (one stage when cascade is None, else the
+    screen then the confirm stage on the rows over its screening threshold) at the scorer's batch size."""
+    tokens = scorer.tokenize(captions)
+    score_stages(scorer, tokens.take(slice(0, scorer.batch_size)), screen, cascade, seed=0)  # warm-up
+    done, rows, start = 0, 0, now(scorer.device)
+    while True:
+        result = score_stages(scorer, tokens, screen, cascade, seed=0)
+        done += len(tokens)
+        rows += sum(result.denoiser_rows.values())
+        if time.perf_counter() - start > seconds:
+            return done / (now(scorer.device) - start), rows / done
