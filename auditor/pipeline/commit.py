@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from auditor.histogram import N_COUNTS
 from auditor.pipeline.stages import ACK_END, ACK_ERROR, ACK_ROWS
+from auditor.redact import redact_text
 
 
 def utc_now() -> str:
@@ -160,6 +161,6 @@ def unit_record(
         "histogram": sparse_histogram(state.histogram) if done else {},
         "lengths": {str(k): v for k, v in sorted(state.lengths.items())} if done else {},
         "parts": parts,
-        "error": state.error,
+        "error": redact_text(state.error) if state.error else state.error,
         "finished_at": utc_now(),
     }

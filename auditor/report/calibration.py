@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from auditor import histogram
+from auditor.redact import redact_uri
 from auditor.report.metrics import flagged_fraction, threshold_at_fpr
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def calibrate_threshold(
         },
         # The reference distribution in the audit histogram's bins, drawn beside the audit's in the report.
         "reference_score_histogram": reference_histogram(scores),
-        "model": model,
+        "model": redact_uri(str(model)),  # the file is shared; a model URI may carry credentials
         "model_fingerprint": scorer.fingerprint,
         "model_family": scorer.family_name,
         "generations": generations,
