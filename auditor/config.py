@@ -28,6 +28,7 @@ from auditor.formats import (
     TEXT_FORMATS,
     split_name,
 )
+from auditor.redact import redact_value
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 MAX_STEPS = 50  # the DDIM-50 schedule the score follows
@@ -128,8 +129,10 @@ class ParsedConfig:
         raise NotImplementedError
 
     def to_json(self) -> dict[str, Any]:
-        """The resolved config as JSON-ready values (storage options hold endpoints, never secrets)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The resolved config as JSON-ready values, written next to the results: storage options hold endpoints,
+        never secret keys, and every URI in it (INPUT, OUTPUT, the model, an endpoint_url with userinfo) is
+        redacted (auditor.redact)."""
+        return redact_value(json.loads(json.dumps(dataclasses.asdict(self))))
 
     @classmethod
     def from_argv(cls, argv: Sequence[str]) -> Self:

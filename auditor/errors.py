@@ -1,10 +1,17 @@
-"""The project's exception types. Imports nothing from the project."""
+"""The project's exception types. Imports only auditor.redact (pure Python)."""
 
 from __future__ import annotations
 
+from auditor.redact import redact_text
+
 
 class AuditorError(Exception):
-    """Base class: every error the auditor raises on purpose."""
+    """Base class: every error the auditor raises on purpose. Its message is redacted (auditor.redact): messages
+    name URIs and quote the errors of fsspec and aiohttp, which hold the URL a file was opened by, credentials
+    included; none of that reaches a log, the terminal or _audit.json."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(AuditorError, ValueError):

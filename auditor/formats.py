@@ -4,6 +4,8 @@ listing (auditor.io.inputs) and `auditor filter` use. Pure Python; imports nothi
 
 from __future__ import annotations
 
+import re
+
 FORMATS = ("parquet", "jsonl", "csv", "tsv", "txt")
 # A file's format from how its name ends. `.json` is JSON lines too (one object per line), as most caption dumps
 # named .json are; a file holding one JSON array is refused with the command that converts it.
@@ -30,9 +32,21 @@ COMPRESSIONS = (*CODEC_EXTENSIONS.values(), NO_COMPRESSION)
 FORMAT_NAMES = (*FORMATS, *(f"{f}{ext}" for f in TEXT_FORMATS for ext in CODEC_EXTENSIONS))
 
 
+# URLs whose query and fragment are no part of the file's name: a signed URL's extension is before its `?`
+# (`https://b.s3.amazonaws.com/a.jsonl?X-Amz-Signature=...`). Other schemes keep `?` in names (s3fs, local paths).
+QUERY_SCHEMES = ("http://", "https://")
+
+
+def url_path(name: str) -> str:
+    """The name without the query and fragment of an http(s) URL; any other name as it is."""
+    if name[:8].lower().startswith(QUERY_SCHEMES):
+        return re.split(r"[?#]", name, maxsplit=1)[0]
+    return name
+
+
 def codec_of(name: str) -> str | None:
     """The codec a file name's last extension names ('a.jsonl.gz' -> 'gzip'), or None."""
-    lowered = name.lower()
+    lowered = url_path(name).lower()
     return next((codec for ext, codec in CODEC_EXTENSIONS.items() if lowered.endswith(ext)), None)
 
 
@@ -41,7 +55,7 @@ def split_name(name: str) -> tuple[str | None, str | None]:
     when the name is no input format, compressed parquet included.
     """
     codec = codec_of(name)
-    lowered = name.lower()
+    lowered = url_path(name).lower()
     if codec is not None:
         lowered = lowered[: lowered.rfind(".")]
     fmt = next((f for ext, f in EXTENSIONS.items() if lowered.endswith(ext)), None)
@@ -64,7 +78,9 @@ def resolve_format(name: str, fmt: str | None, compression: str | None) -> tuple
 
 
 def strip_extensions(name: str) -> str:
-    """A file name without its format and codec extensions: 'a/b.jsonl.gz' -> 'a/b'; a name without one as it is."""
+    """A file name without its format and codec extensions: 'a/b.jsonl.gz' -> 'a/b'; a name without one as it is.
+    An http(s) URL loses its query and fragment too."""
+    name = url_path(name)
     base = name.rsplit("/", 1)[-1]
     if codec_of(base) is not None:
         base = base[: base.rfind(".")]

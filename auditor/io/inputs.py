@@ -23,8 +23,16 @@ from fsspec.compression import compr, register_compression
 from fsspec.spec import AbstractFileSystem
 
 from auditor.errors import ConfigError, InputDataError
-from auditor.formats import CODEC_EXTENSIONS, EXTENSIONS, TEXT_FORMATS, resolve_format
+from auditor.formats import (
+    CODEC_EXTENSIONS,
+    EXTENSIONS,
+    QUERY_SCHEMES,
+    TEXT_FORMATS,
+    resolve_format,
+    url_path,
+)
 from auditor.io.storage import filesystem_for, to_uri
+from auditor.redact import redact_text, redact_uri
 
 try:  # zstd files: compression.zstd from Python 3.14 on, backports.zstd (a dependency) before
     from compression.zstd import ZstdError, ZstdFile  # type: ignore[import-not-found]
@@ -51,7 +59,10 @@ TXT_COLUMN = "text"
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input file. source: its URI as written to the output (absolute path locally, s3://bucket/key remotely).
+    """One input file. source: its URI as written to the output (absolute path locally, s3://bucket/key remotely),
+    without credentials (auditor.redact): its identity in ids, the ledger and every output. path: what the
+    filesystem opens it by, credentials included (a signed URL's query, userinfo); held in memory only, never
+    written or logged.
 
     relative: its path under the INPUT it was found from (a folder or a glob's fixed prefix), for outputs that
     mirror the input layout. shard: the Hive partition value of its rows in OUTPUT/scores. identity: what the
@@ -69,7 +80,7 @@ class InputFile:
 
 
 # Listing fields that change whenever an object's content does, in order of preference: content hashes first
-# (S3/GCS/Azure ETag, GCS md5/crc32c), then modification time. Size is always added.
+# (S3/GCS/Azure and http ETag, GCS md5/crc32c), then modification time. Size is always added.
 IDENTITY_KEYS = (
     "ETag",
     "etag",
@@ -80,6 +91,7 @@ IDENTITY_KEYS = (
     "LastModified",
     "last_modified",
     "updated",
+    "Last-Modified",  # an http(s) server without ETag
 )
 
 
@@ -101,7 +113,7 @@ def shard_key(source: str) -> str:
     stem ending in "e" and an all-digit hash would make `1e-0123456789`, which polars reads as a float. Such a key
     gets an "h" before its hash (every key has a "-" and a hex hash, so it is never an integer or a date).
     """
-    name = source.rstrip("/").rsplit("/", 1)[-1]
+    name = url_path(source).rstrip("/").rsplit("/", 1)[-1]
     stem = UNSAFE.sub("_", name.rsplit(".", 1)[0])[:48].strip("._") or "file"
     digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:10]
     key = f"{stem}-{digest}"
@@ -117,6 +129,14 @@ def open_input(fs: AbstractFileSystem, file: InputFile) -> IO[bytes]:
     return fs.open(file.path, "rb", compression=file.compression)
 
 
+def _names_file(path: str, fmt: str | None) -> bool:
+    """An http(s) URL with a query, whose path names an input format, or under --format: a file, not a page."""
+    return path != url_path(path) or (
+        path[:8].lower().startswith(QUERY_SCHEMES)
+        and (fmt is not None or resolve_format(path, None, None)[0])
+    )
+
+
 def _hidden(path: str) -> bool:
     return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
 
@@ -128,7 +148,7 @@ def _file_format(
     file_format, codec = resolve_format(path, fmt, compression)
     if file_format is not None and codec is not None and file_format not in TEXT_FORMATS:
         raise ConfigError(
-            f"INPUT {spec}: {path} would be read as compressed {file_format} ({codec}), but only "
+            f"INPUT {spec}: {redact_uri(path)} would be read as compressed {file_format} ({codec}), but only "
             f"{', '.join(TEXT_FORMATS)} files can be compressed (parquet compresses inside the file). Decompress "
             "it, or pass --compression none if it is not compressed."
         )
@@ -145,40 +165,44 @@ def list_inputs(
     found: dict[str, InputFile] = {}
     for spec in specs:
         fs, path = filesystem_for(spec, storage_options)
+        shown = redact_uri(spec)  # what messages say: the spec without its credentials
         try:
-            if GLOB_CHARS.search(path):
+            # An http(s) URL's query is no glob ('?'), and a URL that names a file is one: fsspec's isdir would
+            # download it whole to look for links.
+            if GLOB_CHARS.search(url_path(path)):
                 root = GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0]
                 listed = fs.glob(path, detail=True)
                 candidates = {p: i for p, i in listed.items() if i.get("type") == "file"}
-            elif fs.isdir(path):
+            elif not _names_file(path, fmt) and fs.isdir(path):
                 root = path.rstrip("/")
                 candidates = fs.find(path, detail=True)
             elif fs.isfile(path):
-                if _file_format(spec, path, fmt, compression)[0] is None:
+                if _file_format(shown, path, fmt, compression)[0] is None:
                     raise ConfigError(
-                        f"INPUT {spec} has an unknown extension; name it .parquet, .jsonl, .json, .csv, .tsv or "
+                        f"INPUT {shown} has an unknown extension; name it .parquet, .jsonl, .json, .csv, .tsv or "
                         f".txt, the text ones optionally compressed ({', '.join(CODEC_EXTENSIONS)}: "
                         "captions.jsonl.gz), or pass --format."
                     )
-                root, candidates = path.rsplit("/", 1)[0], {path: fs.info(path)}
+                root, candidates = url_path(path).rsplit("/", 1)[0], {path: fs.info(path)}
             else:
-                raise ConfigError(f"INPUT {spec} does not exist (no such file, folder or glob match).")
+                raise ConfigError(f"INPUT {shown} does not exist (no such file, folder or glob match).")
         except ConfigError:
             raise
         except Exception as exc:  # fsspec backends raise many types for "unreachable" and "denied"
             raise ConfigError(
-                f"cannot list INPUT {spec} ({type(exc).__name__}: {exc}). Check the path, the endpoint "
-                "(--storage-option endpoint_url=...) and credentials in the environment."
+                f"cannot list INPUT {shown} ({type(exc).__name__}: {redact_text(str(exc))}). Check the path, the "
+                "endpoint (--storage-option endpoint_url=...) and credentials in the environment."
             ) from exc
         kept = 0
         for candidate in sorted(candidates):
-            relative = candidate[len(root) :].lstrip("/") if candidate.startswith(root) else candidate
+            named = url_path(candidate)
+            relative = named[len(root) :].lstrip("/") if named.startswith(root) else redact_uri(named)
             if any(_hidden(part) for part in relative.split("/")):
                 continue
-            file_format, codec = _file_format(spec, candidate, fmt, compression)
+            file_format, codec = _file_format(shown, candidate, fmt, compression)
             if file_format is None:
                 continue
-            source = to_uri(fs, candidate)
+            source = redact_uri(to_uri(fs, candidate))
             identity = file_identity(candidates[candidate])
             found.setdefault(
                 source,
@@ -187,7 +211,7 @@ def list_inputs(
             kept += 1
         if kept == 0:
             raise ConfigError(
-                f"INPUT {spec} holds no input files (looked for {', '.join(sorted(EXTENSIONS))}, the text ones "
+                f"INPUT {shown} holds no input files (looked for {', '.join(sorted(EXTENSIONS))}, the text ones "
                 f"also followed by {', '.join(CODEC_EXTENSIONS)}; hidden and _ names skipped); pass --format to "
                 "read other names."
             )
@@ -221,11 +245,11 @@ def peek_columns(fs: AbstractFileSystem, file: InputFile) -> list[str]:
         return []
     except InputDataError as exc:
         raise InputDataError(f"{file.source}: {exc}") from exc
-    except Exception as exc:
+    except Exception as exc:  # fsspec and aiohttp errors name the URL they failed on, credentials included
         if file.compression is not None and isinstance(exc, DECOMPRESSION_ERRORS):
             raise InputDataError(decompression_error(file, exc)) from exc
         raise InputDataError(
-            f"{file.source} is not readable as {file.format}: {type(exc).__name__}: {exc}"
+            f"{file.source} is not readable as {file.format}: {type(exc).__name__}: {redact_text(str(exc))}"
         ) from exc
 
 
@@ -239,7 +263,8 @@ def json_array_error() -> str:
 def decompression_error(file: InputFile, exc: BaseException) -> str:
     """The message for a compressed file that breaks while it is read (truncated, corrupt, or not that codec)."""
     return (
-        f"{file.source} cannot be decompressed as {file.compression} ({type(exc).__name__}: {exc}): the archive is "
+        f"{file.source} cannot be decompressed as {file.compression} ({type(exc).__name__}: "
+        f"{redact_text(str(exc))}): the archive is "
         "truncated or corrupt, or not compressed that way. Replace the file, or pass --compression to name its "
         "codec (none: not compressed)."
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from auditor.errors import ModelLoadError
+from auditor.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def localize_model_dir(uri: str, storage_options: dict[str, Any]) -> Path:
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        logger.info("copying model %s to %s", uri, target)
+        logger.info("copying model %s to %s", redact_uri(uri), target)
         fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
     except ModelLoadError:
         raise
@@ -43,7 +44,7 @@ def localize_model_dir(uri: str, storage_options: dict[str, Any]) -> Path:
             f"could not copy model from {uri} ({type(exc).__name__}: {exc}). Check the URI, the endpoint "
             "(--storage-option endpoint_url=...) and credentials in the environment."
         ) from exc
-    (partial / COMPLETE_MARKER).write_text(uri)
+    (partial / COMPLETE_MARKER).write_text(redact_uri(uri))
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target

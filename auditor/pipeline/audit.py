@@ -51,6 +51,7 @@ from auditor.pipeline.plan import AuditPlan, WorkItem, committed_units, plan_aud
 from auditor.pipeline.progress import AuditProgress
 from auditor.pipeline.stage_summary import stages_summary
 from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, stage_and_acknowledge
+from auditor.redact import redact_text, redact_uri, redact_value
 from auditor.scoring.cascade import Stage
 
 logger = logging.getLogger(__name__)
@@ -226,10 +227,11 @@ def commit_staged_unit(
 
 def error_text(exc: BaseException) -> str:
     """`<type>: <message>` of what went wrong; for a Ray task error, of its cause inside the task (whose traceback
-    stays in the worker's log), so the ledger, _audit.json and the CLI get one clear line, not a traceback."""
+    stays in the worker's log), so the ledger, _audit.json and the CLI get one clear line, not a traceback.
+    Redacted: fsspec and aiohttp errors quote the URL a file was opened by, credentials included."""
     while isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
         exc = exc.cause
-    return f"{type(exc).__name__}: {exc}"
+    return redact_text(f"{type(exc).__name__}: {exc}")
 
 
 class UnitCommitter:
@@ -304,7 +306,9 @@ class UnitCommitter:
         else:
             self.failed.append(record)
             self.progress.unit_failed()
-            logger.warning("input %s unit %d failed: %s", state.source, state.unit, state.error)
+            logger.warning(
+                "input %s unit %d failed: %s", state.source, state.unit, redact_text(state.error or "")
+            )
 
 
 # 4. Run --------------------------------------------------------------------------------------------------------
@@ -475,7 +479,7 @@ def take_lease(fs: Any, output_path: str, cfg: AuditConfig) -> OutputLease:
     """OUTPUT's lease, before its ledger is read or anything under it changes: a second audit of the same OUTPUT
     is refused here (LeaseHeld, exit 2), in seconds and before Ray starts."""
     lease = OutputLease(
-        fs, output_path, cfg.output, ttl_s=cfg.lease_ttl_s, heartbeat_s=cfg.lease_heartbeat_s,
+        fs, output_path, redact_uri(cfg.output), ttl_s=cfg.lease_ttl_s, heartbeat_s=cfg.lease_heartbeat_s,
         break_lease=cfg.break_lease,
     )  # fmt: skip
     try:
@@ -499,7 +503,7 @@ def run(cfg: AuditConfig) -> AuditResult:
     armed = threading.Event()  # the driver loop's signal handlers are in place
 
     def on_lost(reason: str) -> None:
-        logger.error("OUTPUT %s: %s; the audit stops", cfg.output, reason)
+        logger.error("OUTPUT %s: %s; the audit stops", redact_uri(cfg.output), redact_text(reason))
         if armed.is_set():
             os.kill(os.getpid(), STALL_SIGNAL)
 
@@ -643,10 +647,13 @@ def write_audit_report(cfg: AuditConfig) -> None:
     step = time.perf_counter()
     try:
         path = write_report(cfg.output, cfg.storage_options)
-    except Exception:
-        logger.exception("the report could not be written; run `auditor report %s` to retry", cfg.output)
+    except Exception as exc:  # the traceback would quote URIs unredacted; the message is enough to retry
+        logger.error(
+            "the report could not be written (%s); run `auditor report %s` to retry",
+            error_text(exc), redact_uri(cfg.output),
+        )  # fmt: skip
         return
-    logger.info("report: %s (%.1f s)", path, time.perf_counter() - step)
+    logger.info("report: %s (%.1f s)", redact_uri(str(path)), time.perf_counter() - step)
 
 
 # Read from the installed packages' metadata, not by importing them: importing torch, diffusers and transformers
@@ -756,8 +763,11 @@ def summarize(
         "versions": versions(),
         "argv": sys.argv,
     }
+    # The one place _audit.json is put together: every URI, option value and error text in it loses its
+    # credentials (INPUT and argv may be signed URLs, an endpoint_url may carry userinfo).
+    summary = redact_value(summary)
     return AuditResult(
-        cfg.output,
+        redact_uri(cfg.output),
         files_done=files_done,
         files_skipped=len(plan.skipped),
         failed=failed_sources,

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from auditor.histogram import N_COUNTS
 from auditor.pipeline.stages import ACK_END, ACK_ERROR, ACK_ROWS
+from auditor.redact import redact_text
 
 
 def utc_now() -> str:
@@ -167,6 +168,6 @@ def unit_record(
         "stages": dict(state.stages) if done else {},
         "confirm_histogram": sparse_histogram(state.confirm_histogram) if done else {},
         "parts": parts,
-        "error": state.error,
+        "error": redact_text(state.error) if state.error else state.error,
         "finished_at": utc_now(),
     }

@@ -29,6 +29,7 @@ from auditor.io.readers import read_record_batches
 from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, read_json, write_json
 from auditor.pipeline.audit import AUDIT_FILE, init_ray
 from auditor.pipeline.commit import utc_now
+from auditor.redact import redact_text, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +103,11 @@ def filter_file(cfg: FilterConfig, id_column: str | None, file: InputFile) -> di
             if writer is not None:
                 writer.close()
         out_fs.mv(temporary, target)
-        summary["output"] = target
-    except Exception as exc:
-        logger.warning("filter of %s failed: %s", file.source, exc)
+        summary["output"] = redact_uri(target)
+    except Exception as exc:  # fsspec errors quote the URL opened (file.path), credentials included
+        summary["error"] = redact_text(f"{type(exc).__name__}: {exc}")
+        logger.warning("filter of %s failed: %s", file.source, summary["error"])
         _remove_quietly(cfg, file)
-        summary["error"] = f"{type(exc).__name__}: {exc}"
     return summary
 
 
@@ -158,7 +159,7 @@ def run_filter(cfg: FilterConfig) -> FilterResult:
         counts["files_failed"] += bool(s["error"])
         counts["files_without_audit"] += not s["audited"]
     out_fs, out_root = filesystem_for(cfg.output, cfg.storage_options)
-    result = FilterResult(cfg.output, dict(counts), sorted(summaries, key=lambda s: s["source"]))
+    result = FilterResult(redact_uri(cfg.output), dict(counts), sorted(summaries, key=lambda s: s["source"]))
     write_json(
         out_fs,
         join(out_root, FILTER_FILE),

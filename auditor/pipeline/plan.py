@@ -23,6 +23,7 @@ from auditor.errors import ConfigError, InputDataError
 from auditor.io import ledger as ledger_mod
 from auditor.io.inputs import InputFile, list_inputs, peek_columns
 from auditor.io.storage import filesystem_for, read_json
+from auditor.redact import redact_text, redact_uri
 from auditor.report.calibration import calibration_mismatch, score_options_of
 from auditor.scoring.cascade import Cascade, Stage
 
@@ -100,14 +101,15 @@ def read_threshold_file(cfg: ScoreConfig) -> tuple[float, dict[str, Any]]:
         content = read_json(cfg.threshold_file, cfg.storage_options)
     except Exception as exc:
         raise ConfigError(
-            f"--threshold-file {cfg.threshold_file} cannot be read ({type(exc).__name__}: {exc}); it must be {expected}."
+            f"--threshold-file {cfg.threshold_file} cannot be read ({type(exc).__name__}: {exc}); it must be "
+            f"{expected}."
         ) from exc
     value = content.get("threshold") if isinstance(content, dict) else None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(
             f"--threshold-file {cfg.threshold_file} has threshold {value!r}; it must be {expected} (a finite number)."
         )
-    return float(value), {"kind": "file", "path": cfg.threshold_file, "content": content}
+    return float(value), {"kind": "file", "path": redact_uri(cfg.threshold_file), "content": content}
 
 
 def resolve_cascade(cfg: ScoreConfig, content: dict[str, Any] | None) -> Cascade | None:
@@ -161,7 +163,7 @@ def warn_if_calibrated_elsewhere(
     if isinstance(content, dict):
         why = calibration_mismatch(content, family, model_fingerprint, score_options)
         if why is not None:
-            logger.warning("--threshold-file %s %s", threshold.origin.get("path"), why)
+            logger.warning("--threshold-file %s %s", threshold.origin.get("path"), redact_text(why))
 
 
 def load_explain() -> Callable[..., Any]:

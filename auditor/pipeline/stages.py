@@ -33,6 +33,7 @@ from auditor.io.units import WorkUnit, units_of
 from auditor.pipeline.metrics import ScoreMetrics, ray_active
 from auditor.pipeline.plan import load_explain, resolve_threshold
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table, tokenized_from_table
+from auditor.redact import redact_text
 from auditor.scoring.cascade import CONFIRM, SCREEN, Stage, flag_rows
 from auditor.scoring.tokens import TokenizedCaptions
 
@@ -107,9 +108,11 @@ def read_unit_rows(
                 rows += table.num_rows
                 yield with_unit_columns(table, unit.index)
             yield control_table(file, schema.END_OF_UNIT, unit, rows, None, cfg.keep_columns)
-    except Exception as exc:
-        logger.warning("input %s unit %d failed after %d rows: %s", file.source, unit.index, rows, exc)
-        error = f"{type(exc).__name__}: {exc}"
+    except (
+        Exception
+    ) as exc:  # fsspec and aiohttp errors quote the URL opened (file.path), credentials included
+        error = redact_text(f"{type(exc).__name__}: {exc}")
+        logger.warning("input %s unit %d failed after %d rows: %s", file.source, unit.index, rows, error)
         yield control_table(file, schema.READ_ERROR, unit, rows, error, cfg.keep_columns)
 
 
@@ -208,9 +211,10 @@ class ScoreActor:
                     if again.any():
                         confirm[again], cost[CONFIRM][again] = self._score(tokens.take(again[ok]), CONFIRM)
             except Exception as exc:  # batch boundary: the rows get a status, the audit goes on
-                logger.exception("scoring a batch of %d rows failed", int(ok.sum()))
+                error = redact_text(f"{type(exc).__name__}: {exc}")
+                logger.error("scoring a batch of %d rows failed: %s", int(ok.sum()), error)
                 for index in np.flatnonzero(ok):
-                    status[index], errors[index] = schema.SCORE_ERROR, f"{type(exc).__name__}: {exc}"
+                    status[index], errors[index] = schema.SCORE_ERROR, error
                 ok = np.zeros_like(ok)
                 confirm[:] = np.nan
         rescored = ok & np.isfinite(confirm)
@@ -289,7 +293,7 @@ class ScoreActor:
                 tokens[index] = list(result.tokens)
                 significance[index] = np.asarray(result.significance, dtype=np.float32).tolist()
             except Exception as exc:  # row boundary: the score stands, the explanation is missing
-                errors[index] = f"explain failed: {type(exc).__name__}: {exc}"
+                errors[index] = redact_text(f"explain failed: {type(exc).__name__}: {exc}")
         out = out.set_column(
             out.schema.get_field_index(schema.ERROR), schema.ERROR, pa.array(errors, pa.string())
         )

@@ -26,6 +26,7 @@ from auditor import histogram, schema
 from auditor.errors import ConfigError
 from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR
 from auditor.io.storage import filesystem_for, join, to_uri
+from auditor.redact import redact_uri, redact_value
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def open_audit_output(uri: str, storage_options: dict[str, Any] | None = None) -
             f"{to_uri(fs, summary_path)} holds a JSON {type(summary).__name__}, expected the object `auditor audit` "
             "writes. Rerun the audit to rewrite it."
         )
-    return AuditOutput(uri=uri, fs=fs, path=path, summary=summary)
+    # Shown in the report and logs: without credentials, also for outputs written before _audit.json was redacted.
+    return AuditOutput(uri=redact_uri(uri), fs=fs, path=path, summary=redact_value(summary))
 
 
 # 1. One streaming pass over scores/ -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 
 from auditor import histogram
 from auditor.errors import ConfigError
+from auditor.redact import redact_uri
 from auditor.report.metrics import flagged_fraction, threshold_at_fpr
 from auditor.scoring.cascade import FLAG_RULE_TWO_STAGE, Stage, calibrate_confirm_threshold
 
@@ -141,7 +142,7 @@ def threshold_record(
         },
         # The reference distribution in the audit histogram's bins, drawn beside the audit's in the report.
         "reference_score_histogram": reference_histogram(scores),
-        "model": model,
+        "model": redact_uri(str(model)),  # the file is shared; a model URI may carry credentials
         "model_fingerprint": scorer.fingerprint,
         "model_family": scorer.family_name,
         "generations": generations,

@@ -20,6 +20,7 @@ import numpy as np
 from auditor import __version__, histogram
 from auditor.errors import ConfigError
 from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, to_uri
+from auditor.redact import redact_uri
 from auditor.report import plots
 from auditor.report.audit_output import (
     AuditOutput,
@@ -90,7 +91,7 @@ def write_report(
     with fs.open(temporary, "wb") as fh:
         fh.write(html.encode("utf-8"))
     fs.mv(temporary, path)
-    written = to_uri(fs, path)
+    written = redact_uri(to_uri(fs, path))
     logger.info("report written to %s in %.2fs", written, time.perf_counter() - started)
     return written
 
@@ -153,6 +154,7 @@ def ordered_items(mapping: dict[str, Any], first: Sequence[str]) -> list[tuple[s
 
 
 def short_source(source: str) -> str:
+    source = redact_uri(source)
     return source.rstrip("/").rsplit("/", 1)[-1] or source
 
 
@@ -446,7 +448,7 @@ def flagged_section(
                 "count": entry.count,
                 "id": entry.id,
                 "source": short_source(entry.source),
-                "source_full": entry.source,
+                "source_full": redact_uri(entry.source),
                 "sources": entry.sources,
                 "tokens": token_spans(entry.tokens, entry.significance) if entry.tokens else None,
             }
@@ -470,7 +472,7 @@ def comparison_section(current: AuditOutput, other: AuditOutput, comparison: Com
                 "score_other": r.score_other,
                 "caption": r.caption,
                 "source": short_source(r.source),
-                "source_full": r.source,
+                "source_full": redact_uri(r.source),
             }
             for r in rows
         ]
