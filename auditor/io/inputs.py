@@ -15,6 +15,7 @@ import logging
 import lzma
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -200,10 +201,11 @@ def list_inputs(
     return [found[s] for s in sorted(found)]
 
 
-def peek_columns(fs: AbstractFileSystem, file: InputFile) -> list[str]:
+def peek_columns(fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str]:
     """Column names of one file: its parquet footer, its csv/tsv header (a UTF-8 byte order mark dropped), or the
-    keys of its first KEY_CHECK_RECORDS jsonl records in order of appearance. Raises InputDataError if unreadable
-    (for jsonl: its first record is not a JSON object; later bad lines are left to the reader, as bad rows).
+    keys of its first KEY_CHECK_RECORDS jsonl records in order of appearance (wanted: stop reading records once
+    all of these keys are seen). Raises InputDataError if unreadable (for jsonl: its first record is not a JSON
+    object; later bad lines are left to the reader, as bad rows).
     """
     try:
         if file.format == "parquet":
@@ -213,7 +215,7 @@ def peek_columns(fs: AbstractFileSystem, file: InputFile) -> list[str]:
             return [TXT_COLUMN]
         with open_input(fs, file) as fh:
             if file.format == "jsonl":
-                return jsonl_keys(fh)
+                return jsonl_keys(fh, wanted)
             for number, raw in enumerate(fh):
                 line = raw.removeprefix(UTF8_BOM if number == 0 else b"").decode("utf-8").strip()
                 if line:
@@ -230,8 +232,9 @@ def peek_columns(fs: AbstractFileSystem, file: InputFile) -> list[str]:
         ) from exc
 
 
-def jsonl_keys(lines: IO[bytes]) -> list[str]:
-    """Keys of the JSON objects among the first KEY_CHECK_RECORDS non-blank lines, in order of appearance."""
+def jsonl_keys(lines: IO[bytes], wanted: Sequence[str] = ()) -> list[str]:
+    """Keys of the JSON objects among the first KEY_CHECK_RECORDS non-blank lines, in order of appearance; fewer
+    lines once every wanted key is seen (a plan then reads one record per file, as csv reads one header line)."""
     keys: dict[str, None] = {}
     records = 0
     for number, raw in enumerate(lines):
@@ -252,7 +255,7 @@ def jsonl_keys(lines: IO[bytes]) -> list[str]:
         if isinstance(record, dict):
             keys.update(dict.fromkeys(record))
         records += 1
-        if records == KEY_CHECK_RECORDS:
+        if records == KEY_CHECK_RECORDS or (wanted and all(name in keys for name in wanted)):
             break
     return list(keys)
 

@@ -166,11 +166,12 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
     if len(files) > COLUMN_CHECK_FILES:
         step = len(files) / COLUMN_CHECK_FILES
         files = [files[int(i * step)] for i in range(COLUMN_CHECK_FILES)]
+    wanted = [cfg.caption_column, *([cfg.id_column] if cfg.id_column else []), *cfg.keep_columns]
 
     def peek(file: InputFile) -> list[str] | str:
         fs, _ = filesystem_for(file.source, cfg.storage_options)
         try:
-            return peek_columns(fs, file)
+            return peek_columns(fs, file, wanted)
         except InputDataError as exc:
             return str(exc)
 
@@ -183,7 +184,6 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
             f"--id-column/--keep-columns need columns, but {txt[0]} is a txt file (one caption per line); "
             "drop those options or pass only column formats (parquet, jsonl, csv, tsv)."
         )
-    wanted = [cfg.caption_column, *([cfg.id_column] if cfg.id_column else []), *cfg.keep_columns]
     columnar = [f for f in files if f.format != "txt" and f.source not in unreadable]
     for name in wanted:
         lacking = [f for f in columnar if name not in peeked[f.source]]

@@ -322,6 +322,8 @@ def test_jsonl_key_in_some_records_gives_the_others_nulls(tmp_path, monkeypatch)
     records = [{"url": "u0"}, {"url": "u1"}, {"caption": "a cat", "url": "u2"}, {"url": "u3"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert peek_columns(LOCAL, file_for(path, "jsonl")) == ["url", "caption"]
+    # The plan passes the keys it needs: reading stops at the first record that completes them.
+    assert peek_columns(LOCAL, file_for(path, "jsonl"), wanted=("url",)) == ["url"]
     table = read_all(path, "jsonl")  # batches of 2: the key's first record is in the second batch
     assert table.column(schema.CAPTION).to_pylist() == [None, None, "a cat", None]
     path.write_text(
