@@ -20,7 +20,7 @@ Work units: a parquet file is cut into units of whole row groups (--unit-rows); 
 write each unit's rows straight to OUTPUT; a unit becomes visible whole, when all of its rows are in.
 A rerun skips committed units (same file content, model and options), redoes partial and failed ones, and audits
 new files and files changed since (size + ETag/mtime): their old output is replaced. --force redoes all.
-Without --threshold / --threshold-file nothing is flagged.
+Without --threshold / --threshold-file nothing is flagged; the last lines say so and how to calibrate one.
 Exit codes: 0 all inputs audited; 1 some units failed (listed in _audit.json); 2 configuration error;
 3 the run stopped early (SIGTERM, or no progress for --stall-timeout-s): rerun the same command to resume.
 """
@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = AuditConfig.from_namespace(args)
     from auditor.pipeline.audit import run as run_audit
+    from auditor.pipeline.plan import no_threshold_note
 
     result = run_audit(cfg)
     counts = result.counts
@@ -71,5 +72,8 @@ def run(args: argparse.Namespace) -> int:
         print("rows not scored: " + ", ".join(f"{k}={v}" for k, v in sorted(other.items())))
     for failed in result.failed_units:
         print(f"FAILED {failed['source']} unit {failed['unit']}: {failed['error']}")
+    note = no_threshold_note(cfg)
+    if note:
+        print(note)
     print(f"results: {result.output}")
     return result.exit_code

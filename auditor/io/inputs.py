@@ -15,6 +15,7 @@ import logging
 import lzma
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -55,6 +56,12 @@ GLOB_CHARS = re.compile(r"[*?\[]")
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # txt files have one column: the caption. Named like Ray Data's read_text column.
 TXT_COLUMN = "text"
+# A JSON-lines file has no header: its columns are the keys of its first records, this many non-blank lines. A
+# requested key that none of them has fails the file, as a missing column does in csv or parquet (at plan time on
+# the sampled files, when read on the others); a key only some records lack gives those rows a null.
+KEY_CHECK_RECORDS = 4096
+# Excel and Windows Notepad start a UTF-8 text file with a byte order mark; it is not part of the first line.
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -218,8 +225,12 @@ def list_inputs(
     return [found[s] for s in sorted(found)]
 
 
-def peek_columns(fs: AbstractFileSystem, file: InputFile) -> list[str]:
-    """Column names of one file, read from its footer or first record. Raises InputDataError if unreadable."""
+def peek_columns(fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str]:
+    """Column names of one file: its parquet footer, its csv/tsv header (a UTF-8 byte order mark dropped), or the
+    keys of its first KEY_CHECK_RECORDS jsonl records in order of appearance (wanted: stop reading records once
+    all of these keys are seen). Raises InputDataError if unreadable (for jsonl: its first record is not a JSON
+    object; later bad lines are left to the reader, as bad rows).
+    """
     try:
         if file.format == "parquet":
             with fs.open(file.path, "rb") as fh:
@@ -227,21 +238,13 @@ def peek_columns(fs: AbstractFileSystem, file: InputFile) -> list[str]:
         if file.format == "txt":
             return [TXT_COLUMN]
         with open_input(fs, file) as fh:
-            for raw in fh:
-                line = raw.decode("utf-8").strip()
-                if not line:
-                    continue
-                if file.format == "jsonl":
-                    if line.startswith("["):
-                        raise InputDataError(json_array_error())
-                    record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise InputDataError(
-                            f"first record is {type(record).__name__}, expected a JSON object"
-                        )
-                    return list(record)
-                delimiter = "\t" if file.format == "tsv" else ","
-                return next(csv.reader(io.StringIO(line), delimiter=delimiter))
+            if file.format == "jsonl":
+                return jsonl_keys(fh, wanted)
+            for number, raw in enumerate(fh):
+                line = raw.removeprefix(UTF8_BOM if number == 0 else b"").decode("utf-8").strip()
+                if line:
+                    delimiter = "\t" if file.format == "tsv" else ","
+                    return next(csv.reader(io.StringIO(line), delimiter=delimiter))
         return []
     except InputDataError as exc:
         raise InputDataError(f"{file.source}: {exc}") from exc
@@ -251,6 +254,50 @@ def peek_columns(fs: AbstractFileSystem, file: InputFile) -> list[str]:
         raise InputDataError(
             f"{file.source} is not readable as {file.format}: {type(exc).__name__}: {redact_text(str(exc))}"
         ) from exc
+
+
+def jsonl_keys(lines: IO[bytes], wanted: Sequence[str] = ()) -> list[str]:
+    """Keys of the JSON objects among the first KEY_CHECK_RECORDS non-blank lines, in order of appearance; fewer
+    lines once every wanted key is seen (a plan then reads one record per file, as csv reads one header line)."""
+    keys: dict[str, None] = {}
+    records = 0
+    for number, raw in enumerate(lines):
+        line = raw.removeprefix(UTF8_BOM if number == 0 else b"").strip()
+        if not line:
+            continue
+        if records == 0:
+            if line.startswith(b"["):
+                raise InputDataError(json_array_error())
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise InputDataError(f"first record is {type(record).__name__}, expected a JSON object")
+        else:
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = None
+        if isinstance(record, dict):
+            keys.update(dict.fromkeys(record))
+        records += 1
+        if records == KEY_CHECK_RECORDS or (wanted and all(name in keys for name in wanted)):
+            break
+    return list(keys)
+
+
+def missing_columns_error(file: InputFile, missing: list[str], present: list[str]) -> str:
+    """The message for a file that lacks requested columns (jsonl: keys) while the audit goes on with the others."""
+    names = ", ".join(repr(name) for name in missing)
+    if file.format == "jsonl":
+        key, that = ("keys", "those keys") if len(missing) > 1 else ("key", "that key")
+        return (
+            f"{file.source}: no record has the {key} {names} (keys are read from the first {KEY_CHECK_RECORDS} "
+            f"records of a JSON-lines file, as from a csv header); keys are: {', '.join(present) or '(none)'}. Give "
+            f"its records {that} (null where a record has no value), or leave this file out of INPUT."
+        )
+    return (
+        f"{file.source} has no column {names}; columns are: {', '.join(present) or '(none)'}. Rename the column in "
+        "this file, or leave this file out of INPUT."
+    )
 
 
 def json_array_error() -> str:

@@ -4,6 +4,9 @@ also compressed: fsspec decompresses them on the fly). pyarrow/fsspec only.
 A file is read front to back so every row gets its index in the file (`row`), which synthetic ids need.
 Row numbering: parquet and csv/tsv count data rows (no header); jsonl counts non-blank lines; txt counts every line,
 blank ones included (they become empty captions). A compressed file numbers the lines of its decompressed text. Bad records never raise: they come back with a status.
+A UTF-8 byte order mark (Excel and Notepad start files with one) is not part of a csv/tsv header, a first jsonl
+record or a first txt caption. A file without a requested column fails whole: csv/tsv by its header, parquet by its
+footer, jsonl when none of its first KEY_CHECK_RECORDS records has the key.
 Types: csv/tsv columns and jsonl id/keep columns are read as text (JSON text for non-string values), so chunks
 and files always agree; parquet columns keep their types.
 """
@@ -11,6 +14,7 @@ and files always agree; parquet columns keep their types.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -26,10 +30,13 @@ from auditor import schema
 from auditor.errors import InputDataError
 from auditor.io.inputs import (
     DECOMPRESSION_ERRORS,
+    KEY_CHECK_RECORDS,
     TXT_COLUMN,
+    UTF8_BOM,
     InputFile,
     decompression_error,
     json_array_error,
+    missing_columns_error,
     open_input,
 )
 
@@ -101,6 +108,8 @@ def _jsonl_records(
     first = True
     with open_input(fs, file) as fh:
         for number, raw in enumerate(fh, start=1):
+            if number == 1:
+                raw = raw.removeprefix(UTF8_BOM)
             if not raw.strip():
                 continue
             if first and raw.lstrip().startswith(b"["):
@@ -121,7 +130,7 @@ def _txt_lines(fs: AbstractFileSystem, file: InputFile) -> Iterator[tuple[str | 
     with open_input(fs, file) as fh:
         for number, raw in enumerate(fh, start=1):
             try:
-                yield raw.decode("utf-8").rstrip("\r\n"), None
+                yield raw.removeprefix(UTF8_BOM if number == 1 else b"").decode("utf-8").rstrip("\r\n"), None
             except UnicodeDecodeError as exc:
                 yield None, f"line {number}: not UTF-8 ({exc})"
 
@@ -176,10 +185,7 @@ def read_caption_batches(
         for table in _caption_tables(fs, file, wanted, batch_rows, row_groups):
             missing = [c for c in wanted if c not in table.column_names]
             if missing and file.format in ("parquet", "csv", "tsv"):
-                raise InputDataError(
-                    f"{file.source} has no column {', '.join(missing)}; columns are: "
-                    f"{', '.join(table.column_names)}."
-                )
+                raise InputDataError(missing_columns_error(file, missing, table.column_names))
             yield _normalise(table, file, caption_column, id_column, keep_columns, start)
             start += table.num_rows
 
@@ -198,9 +204,7 @@ def _caption_tables(
             names = parquet.schema_arrow.names
             missing = [c for c in wanted if c not in names]
             if missing:
-                raise InputDataError(
-                    f"{file.source} has no column {', '.join(missing)}; columns are: {', '.join(names)}."
-                )
+                raise InputDataError(missing_columns_error(file, missing, names))
             groups = list(range(parquet.num_row_groups)) if row_groups is None else list(row_groups)
             if not groups:
                 return
@@ -213,7 +217,15 @@ def _caption_tables(
             for offset in range(0, table.num_rows, batch_rows):
                 yield table.slice(offset, batch_rows)
     elif file.format == "jsonl":
-        for chunk in _chunks(_jsonl_records(fs, file), batch_rows):
+        # No header: the first records stand for one, so a key none of them has fails the file as a missing csv
+        # column does, before any row is read on (inputs.KEY_CHECK_RECORDS).
+        lines = _jsonl_records(fs, file)
+        head = list(itertools.islice(lines, KEY_CHECK_RECORDS))
+        keys = list(dict.fromkeys(k for record, _ in head if record is not None for k in record))
+        missing = [c for c in wanted if c not in keys]
+        if missing and any(record is not None for record, _ in head):
+            raise InputDataError(missing_columns_error(file, missing, keys))
+        for chunk in _chunks(itertools.chain(head, lines), batch_rows):
             columns: dict[str, pa.Array] = {}
             for name in wanted:
                 values = [None if r is None else r.get(name) for r, _ in chunk]

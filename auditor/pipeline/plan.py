@@ -6,6 +6,7 @@ Fails fast with ConfigError on configuration problems. Never imports ray.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import importlib
@@ -21,7 +22,7 @@ from typing import Any
 from auditor.config import AuditConfig, ScoreConfig
 from auditor.errors import ConfigError, InputDataError
 from auditor.io import ledger as ledger_mod
-from auditor.io.inputs import InputFile, list_inputs, peek_columns
+from auditor.io.inputs import InputFile, list_inputs, missing_columns_error, peek_columns
 from auditor.io.storage import filesystem_for, read_json
 from auditor.redact import redact_text, redact_uri
 from auditor.report.calibration import calibration_mismatch, score_options_of
@@ -152,6 +153,26 @@ def resolve_cascade(cfg: ScoreConfig, content: dict[str, Any] | None) -> Cascade
     return Cascade(stage, float(screen))
 
 
+def no_threshold_note(cfg: AuditConfig) -> str | None:
+    """The end of an audit without a threshold: why nothing is flagged and how to get one (None with a threshold).
+    The calibrate command carries this audit's score options that change the scores' scale (SCALE_FIELDS)."""
+    if cfg.threshold is not None or cfg.threshold_file is not None:
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    options = "".join(
+        f" --{name.replace('_', '-')} {getattr(cfg, name)}"
+        for name in SCALE_FIELDS
+        if getattr(cfg, name) != defaults[name]
+    )
+    return (
+        "no threshold was given (--threshold or --threshold-file), so nothing could be flagged; the scores are "
+        f"written.\nto flag: calibrate on clean captions, `auditor calibrate --model {cfg.model}{options} "
+        "--reference CLEAN_CAPTIONS.txt --fpr 0.01 --out threshold.json`, then rerun this audit with "
+        "--threshold-file threshold.json (the threshold is part of the run's fingerprint: the inputs are scored "
+        "again)."
+    )
+
+
 def warn_if_calibrated_elsewhere(
     threshold: ThresholdChoice,
     family: str,
@@ -200,11 +221,12 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
     if len(files) > COLUMN_CHECK_FILES:
         step = len(files) / COLUMN_CHECK_FILES
         files = [files[int(i * step)] for i in range(COLUMN_CHECK_FILES)]
+    wanted = [cfg.caption_column, *([cfg.id_column] if cfg.id_column else []), *cfg.keep_columns]
 
     def peek(file: InputFile) -> list[str] | str:
         fs, _ = filesystem_for(file.source, cfg.storage_options)
         try:
-            return peek_columns(fs, file)
+            return peek_columns(fs, file, wanted)
         except InputDataError as exc:
             return str(exc)
 
@@ -217,7 +239,6 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
             f"--id-column/--keep-columns need columns, but {txt[0]} is a txt file (one caption per line); "
             "drop those options or pass only column formats (parquet, jsonl, csv, tsv)."
         )
-    wanted = [cfg.caption_column, *([cfg.id_column] if cfg.id_column else []), *cfg.keep_columns]
     columnar = [f for f in files if f.format != "txt" and f.source not in unreadable]
     for name in wanted:
         lacking = [f for f in columnar if name not in peeked[f.source]]
@@ -232,11 +253,11 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
                 f"{option} {name!r} not found in {first.source}; columns are: "
                 f"{', '.join(peeked[first.source]) or '(none)'}.{fix}"
             )
-        for f in lacking:
-            if f.format != "jsonl":  # a jsonl record may leave out a null field; its rows get null_caption
-                unreadable[f.source] = (
-                    f"{f.source} has no column {name!r}; columns are: {', '.join(peeked[f.source])}."
-                )
+    # The others fail alone, with the reader's message; jsonl too (peeked: the keys its reader checks).
+    for f in columnar:
+        missing = [name for name in wanted if name not in peeked[f.source]]
+        if missing:
+            unreadable[f.source] = missing_columns_error(f, missing, peeked[f.source])
     return unreadable
 
 

@@ -103,3 +103,33 @@ def test_every_argument_parser_in_the_repository_refuses_abbreviations():
                 if not refuses:
                     missing.append(f"{path.relative_to(root)}:{node.lineno}")
     assert missing == []
+
+
+def test_audit_without_a_threshold_ends_saying_nothing_could_be_flagged(tmp_path, monkeypatch, capsys):
+    """`3000 scored, 0 flagged` alone reads like a clean corpus; without a threshold nothing could be flagged, and
+    the last lines say so and give the calibrate command (with the audit's scale options) to get one."""
+    from auditor.pipeline import audit as audit_mod
+
+    result = audit_mod.AuditResult(
+        output=str(tmp_path / "out"), files_done=1, files_skipped=0, failed={},
+        counts={"rows": 3000, "ok": 3000, "flagged": 0}, units_done=1,
+    )  # fmt: skip
+    monkeypatch.setattr(audit_mod, "run", lambda cfg: result)
+    paths = [str(tmp_path / "in"), str(tmp_path / "out")]
+    args = ["audit", *paths, "--model", "models/sd15", "--generations", "4"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("3000 rows: 3000 scored, 0 flagged")
+    assert lines[1] == (
+        "no threshold was given (--threshold or --threshold-file), so nothing could be flagged; the scores are "
+        "written."
+    )
+    assert lines[2].startswith(
+        "to flag: calibrate on clean captions, `auditor calibrate --model models/sd15 --generations 4 --reference "
+        "CLEAN_CAPTIONS.txt --fpr 0.01 --out threshold.json`, then rerun this audit with --threshold-file "
+        "threshold.json"
+    )
+    assert lines[3] == f"results: {tmp_path / 'out'}"
+    # With a threshold the counts say what they mean: no such lines.
+    assert main([*args, "--threshold", "2.5"]) == 0
+    assert "nothing could be flagged" not in capsys.readouterr().out

@@ -237,8 +237,101 @@ def test_parquet_non_string_caption_column(tmp_path):
 def test_parquet_missing_column_lists_columns(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"TEXT": ["a"], "url": ["u"]}), path)
-    with pytest.raises(InputDataError, match="no column caption; columns are: TEXT, url"):
+    with pytest.raises(
+        InputDataError, match=r"has no column 'caption'; columns are: TEXT, url\. Rename the column"
+    ):
         read_all(path, "parquet")
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "codec"),
+    [("c.csv", "csv", None), ("c.csv.gz", "csv", "gzip"), ("c.tsv", "tsv", None), ("c.jsonl", "jsonl", None)],
+)
+def test_byte_order_mark_is_not_part_of_the_first_column(tmp_path, name, fmt, codec):
+    """Excel saves "CSV UTF-8" with a byte order mark: --caption-column caption must find 'caption', not
+    '\\ufeffcaption' (the mark is invisible in a terminal, so the old message could not be acted on)."""
+    sep = "\t" if fmt == "tsv" else ","
+    text = (
+        f"{BOM}caption{sep}n\na cat{sep}1\na dog{sep}2\n"
+        if fmt != "jsonl"
+        else BOM
+        + json.dumps({"caption": "a cat", "n": 1})
+        + "\n"
+        + json.dumps({"caption": "a dog", "n": 2})
+        + "\n"
+    )
+    path = tmp_path / name
+    path.write_bytes(text.encode() if codec is None else compress(text.encode(), codec))
+    file = file_for(path, fmt, codec)
+    assert peek_columns(LOCAL, file) == ["caption", "n"]
+    table = pa.concat_tables(read_caption_batches(LOCAL, file, "caption", keep_columns=("n",)))
+    assert table.column(schema.CAPTION).to_pylist() == ["a cat", "a dog"]
+    assert table.column(schema.STATUS).to_pylist() == [schema.OK, schema.OK]
+    assert table.column("n").to_pylist() == ["1", "2"]
+    [(records, _)] = list(read_record_batches(LOCAL, file))
+    assert records.column_names == ["caption", "n"]  # what `auditor filter` writes
+
+
+def test_byte_order_mark_is_not_part_of_the_first_txt_caption(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(f"{BOM}a cat\na dog\n".encode())
+    assert read_all(path, "txt").column(schema.CAPTION).to_pylist() == ["a cat", "a dog"]
+
+
+def test_json_array_with_a_byte_order_mark_is_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_bytes(f'{BOM}[{{"caption": "a"}}]\n'.encode())
+    with pytest.raises(InputDataError, match=r"holds a JSON array.*jq -c"):
+        read_all(path, "jsonl")
+
+
+def test_jsonl_without_the_key_fails_like_a_csv_without_the_column(tmp_path):
+    """No record has the key: the file fails whole, naming itself and the keys it has, as csv and parquet do."""
+    (tmp_path / "c.csv").write_text("TEXT,url\na cat,u\n")
+    with pytest.raises(
+        InputDataError, match=r"c\.csv has no column 'caption'; columns are: TEXT, url\. Rename"
+    ):
+        read_all(tmp_path / "c.csv", "csv")
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ({"TEXT": "a cat"}, {"TEXT": "a dog", "url": 2})))
+    with pytest.raises(
+        InputDataError,
+        match=r"c\.jsonl: no record has the key 'caption' \(keys are read from the first 4096 records .*\); keys "
+        r"are: TEXT, url\. Give its records that key \(null where a record has no value\), or leave this file out",
+    ):
+        read_all(path, "jsonl")
+    with pytest.raises(
+        InputDataError,
+        match=r"no record has the keys 'caption', 'k' \(.*\); keys are: TEXT, url\. Give its records those keys",
+    ):
+        read_all(path, "jsonl", keep_columns=("k",))
+
+
+def test_jsonl_key_in_some_records_gives_the_others_nulls(tmp_path, monkeypatch):
+    """A key some of the first records have is a column (a writer may leave out null fields); one that only appears
+    after the first KEY_CHECK_RECORDS records is not. peek_columns reads the keys the same way, so the plan
+    agrees with the reader."""
+    from auditor.io import inputs, readers
+
+    monkeypatch.setattr(inputs, "KEY_CHECK_RECORDS", 3)
+    monkeypatch.setattr(readers, "KEY_CHECK_RECORDS", 3)
+    path = tmp_path / "c.jsonl"
+    records = [{"url": "u0"}, {"url": "u1"}, {"caption": "a cat", "url": "u2"}, {"url": "u3"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert peek_columns(LOCAL, file_for(path, "jsonl")) == ["url", "caption"]
+    # The plan passes the keys it needs: reading stops at the first record that completes them.
+    assert peek_columns(LOCAL, file_for(path, "jsonl"), wanted=("url",)) == ["url"]
+    table = read_all(path, "jsonl")  # batches of 2: the key's first record is in the second batch
+    assert table.column(schema.CAPTION).to_pylist() == [None, None, "a cat", None]
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in [records[0], records[1], "not an object", records[2]])
+    )
+    assert peek_columns(LOCAL, file_for(path, "jsonl")) == ["url"]
+    with pytest.raises(InputDataError, match=r"no record has the key 'caption' .*; keys are: url\."):
+        read_all(path, "jsonl")
 
 
 def test_jsonl_bad_lines_and_types(tmp_path):

@@ -275,22 +275,41 @@ def test_unknown_uri_scheme_is_a_config_error():
         filesystem_for("nosuchproto://b/x")
 
 
-def test_columns_are_checked_on_a_sample_and_other_files_fail_alone(tmp_path, tiny_model_dir):
+# What a file without the caption column says, by format: jsonl fails as csv and parquet do (it used to give every
+# row null_caption and exit 0 while the same file as csv failed).
+MISSING_CAPTION = {
+    "parquet": "has no column 'caption'; columns are: TEXT, url. Rename the column in this file, or leave",
+    "csv": "has no column 'caption'; columns are: TEXT, url. Rename the column in this file, or leave",
+    "jsonl": "f01.jsonl: no record has the key 'caption' (keys are read from the first 4096 records of a JSON-lines "
+    "file, as from a csv header); keys are: TEXT, url. Give its records that key",
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(MISSING_CAPTION))
+def test_columns_are_checked_on_a_sample_and_other_files_fail_alone(tmp_path, tiny_model_dir, fmt):
     (tmp_path / "in").mkdir()
     for i in range(20):
-        column = "TEXT" if i == 1 else "caption"  # file 1 lies outside the sample of 8 spread over 20
-        pq.write_table(pa.table({column: [f"a cat {i}"]}), tmp_path / "in" / f"f{i:02d}.parquet")
+        if i == 1:  # file 1 lies outside the sample of 8 spread over 20
+            path = tmp_path / "in" / f"f01.{fmt}"
+            if fmt == "parquet":
+                pq.write_table(pa.table({"TEXT": ["a cat 1"], "url": ["u"]}), path)
+            elif fmt == "csv":
+                path.write_text("TEXT,url\na cat 1,u\n")
+            else:
+                path.write_text(json.dumps({"TEXT": "a cat 1"}) + "\n" + json.dumps({"url": "u"}) + "\n")
+        else:
+            pq.write_table(pa.table({"caption": [f"a cat {i}"]}), tmp_path / "in" / f"f{i:02d}.parquet")
     cfg = make_cfg(tmp_path, tiny_model_dir)
     plan = plan_audit(cfg)
     assert plan.unreadable == {} and len(plan.pending) == 20
-    lacking = next(item.file for item in plan.pending if item.file.relative == "f01.parquet")
+    lacking = next(item.file for item in plan.pending if item.file.relative == f"f01.{fmt}")
     [control] = list(read_unit_rows(cfg, lacking))
     assert control.column(schema.STATUS).to_pylist() == [schema.READ_ERROR]
-    assert "has no column caption; columns are: TEXT" in control.column(schema.ERROR)[0].as_py()
+    assert MISSING_CAPTION[fmt] in control.column(schema.ERROR)[0].as_py()
     # In the sample, the same file is caught before Ray starts, with the same message.
     for i in range(2, 20):
         (tmp_path / "in" / f"f{i:02d}.parquet").unlink()
-    assert "has no column 'caption'; columns are: TEXT" in plan_audit(cfg).unreadable[lacking.source]
+    assert MISSING_CAPTION[fmt] in plan_audit(cfg).unreadable[lacking.source]
 
 
 def test_options_added_later_keep_the_fingerprint_of_audits_from_before_them(tmp_path):
