@@ -329,3 +329,73 @@ def test_calibrate_two_stage_meets_the_joint_fpr(tiny_scorer):
     assert sum(record["reference_confirm_score_histogram"]["counts"]) == over.sum()
     with pytest.raises(ConfigError, match=r"--screen-fpr must be in \(--fpr, 1\)"):
         calibrate_two_stage(tiny_scorer, captions, confirm=Stage(2, 2), fpr=0.05, screen_fpr=0.05)
+
+
+# 5. The command line ----------------------------------------------------------------------------------------------
+def test_score_cli_adds_confirm_scores(micro_model_dir, micro_scorer, capsys):
+    from auditor.cli import main
+
+    captions = CAPTIONS[:3]
+    first = micro_scorer.score(captions)
+    screen = float(np.median(first))
+    args = ["score", "--model", str(micro_model_dir), "--dtype", "fp32", "--json", *captions]
+    assert (
+        main(
+            [*args, "--confirm-generations", "2", "--confirm-steps", "2", "--screen-threshold", repr(screen)]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["caption"] for r in rows] == captions
+    for row, score in zip(rows, first, strict=True):
+        if score > screen:
+            alone = micro_scorer.score([row["caption"]], generations=2, steps=2)[0]
+            np.testing.assert_allclose(row["confirm_score"], alone, rtol=1e-5)
+        else:
+            assert row["confirm_score"] is None
+    # Without --screen-threshold every caption gets the second stage; without --confirm-* there is no column.
+    assert main([*args, "--confirm-steps", "2"]) == 0
+    assert all(json.loads(line)["confirm_score"] is not None for line in capsys.readouterr().out.splitlines())
+    assert main(args) == 0
+    assert all("confirm_score" not in json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert main([*args, "--screen-threshold", "0.1"]) == 2
+    assert "--screen-threshold applies to the second stage only" in capsys.readouterr().err
+
+
+def test_evaluate_cli_adds_a_cascade_row(tmp_path, micro_model_dir, capsys):
+    from auditor.cli import main
+
+    (tmp_path / "pos.txt").write_text("\n".join(CAPTIONS[:4]) + "\n")
+    (tmp_path / "neg.txt").write_text(
+        "\n".join(CAPTIONS[4:] + ["a blue boat", "a tall tree", "an empty road"]) + "\n"
+    )
+    args = ["evaluate", "--model", str(micro_model_dir), "--dtype", "fp32", "--positives", str(tmp_path / "pos.txt"),
+            "--negatives", str(tmp_path / "neg.txt"), "--generations", "1", "--steps", "1", "--json"]  # fmt: skip
+    assert main([*args, "--confirm-generations", "2", "--confirm-steps", "2", "--screen-fpr", "0.5"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and "confirm_generations" not in rows[0]
+    cascade = rows[1]
+    assert cascade["confirm_generations"] == 2 and cascade["confirm_steps"] == 2
+    assert 0 < cascade["rescored_share"] <= 1
+    np.testing.assert_allclose(
+        cascade["denoiser_rows_per_caption"], 1 + cascade["rescored_share"] * 6, rtol=1e-3
+    )
+    assert main([*args, "--screen-fpr", "0.5"]) == 2
+    assert "--screen-fpr and --screen-threshold apply to the second stage only" in capsys.readouterr().err
+
+
+def test_calibrate_cli_option_errors(tmp_path, micro_model_dir, capsys):
+    from auditor.cli import main
+
+    (tmp_path / "ref.txt").write_text("\n".join(CAPTIONS) + "\n")
+    args = ["calibrate", "--model", str(micro_model_dir), "--reference", str(tmp_path / "ref.txt"),
+            "--out", str(tmp_path / "t.json"), "--fpr", "0.1"]  # fmt: skip
+    assert main([*args, "--screen-fpr", "0.2"]) == 2
+    assert "apply to the second stage only" in capsys.readouterr().err
+    assert main([*args, "--confirm-steps", "2", "--screen-fpr", "0.05"]) == 2
+    assert r"--screen-fpr must be in (--fpr, 1) = (0.1, 1), got 0.05" in capsys.readouterr().err
+    # An explicit screening threshold instead of --screen-fpr.
+    assert main([*args, "--confirm-steps", "2", "--screen-threshold", "-1"]) == 0
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert record["screen_threshold"] == -1.0 and record["n_rescored"] == len(CAPTIONS)
+    assert record["screen_fpr"] is None and record["confirm"] == {"generations": 1, "steps": 2}
