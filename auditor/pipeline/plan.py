@@ -25,7 +25,7 @@ from auditor.io import ledger as ledger_mod
 from auditor.io.inputs import InputFile, list_inputs, missing_columns_error, peek_columns
 from auditor.io.storage import filesystem_for, read_json
 from auditor.redact import redact_text, redact_uri
-from auditor.report.calibration import calibration_mismatch, score_options_of
+from auditor.report.calibration import SCALE_FIELDS, calibration_mismatch, score_options_of
 from auditor.scoring.cascade import Cascade, Stage
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def no_threshold_note(cfg: AuditConfig) -> str | None:
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     options = "".join(
         f" --{name.replace('_', '-')} {getattr(cfg, name)}"
-        for name in SCALE_FIELDS
+        for name in (*SCALE_FIELDS, "confirm_generations", "confirm_steps")
         if getattr(cfg, name) != defaults[name]
     )
     return (

@@ -128,6 +128,7 @@ def run_local_audit(
                 schema.ID: table.column("key").to_pylist(),
                 schema.CAPTION: captions,
                 schema.SCORE: scores.astype(np.float32),
+                schema.CONFIRM_SCORE: pa.nulls(len(captions), pa.float32()),  # one stage here
                 schema.FLAGGED: flagged,
                 schema.SOURCE: [source] * len(captions),
                 schema.ROW: np.arange(len(captions), dtype=np.int64),

@@ -86,6 +86,7 @@ def write_audit_output(
                 schema.ID: [f"file{index}:{i}" for i in range(n)],
                 schema.CAPTION: captions,
                 schema.SCORE: score_array,
+                schema.CONFIRM_SCORE: pa.nulls(n, pa.float32()),
                 schema.FLAGGED: flagged,
                 schema.SOURCE: [source] * n,
                 schema.ROW: np.arange(n, dtype=np.int64),

@@ -15,7 +15,18 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def test_gpu_bench_smoke_run_writes_json_and_table(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCH))
     gpu_bench = importlib.import_module("gpu_bench")
-    args = ["--smoke", "--out", str(tmp_path), "--batch-sizes", "2", "3", "--seconds", "0.05"]
+    args = [
+        "--smoke",
+        "--out",
+        str(tmp_path),
+        "--batch-sizes",
+        "2",
+        "3",
+        "--seconds",
+        "0.05",
+        "--cascade-batch",
+        "4",
+    ]
     assert gpu_bench.main(args) == 0
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert "smoke run, not a measurement" in result["device"]
@@ -24,8 +35,15 @@ def test_gpu_bench_smoke_run_writes_json_and_table(tmp_path, monkeypatch, capsys
         assert row["paper_loop"] > 0 and row["batched"] > 0 and row["graphs"] > 0
         assert row["graphs_captured"] is False
     assert result["unet_tflop_per_sample"] > 0 and result["text_tflop_per_caption"] > 0
+    # The two-stage rows: one stage 1x1 and 4x5, then the cascade re-scoring 5% of the captions.
+    two_stage = result["two_stage"]
+    assert [round(r["denoiser_rows_per_caption"], 3) for r in two_stage[:2]] == [1.0, 36.0]
+    assert 1.0 < two_stage[2]["denoiser_rows_per_caption"] < 1.0 + 0.1 * 36
+    assert all(r["captions_per_s"] > 0 for r in two_stage)
     table = capsys.readouterr().out.splitlines()
-    assert "(no graph captured: (c) ran eagerly)" in table[-1]
+    graphs_row = table.index(next(line for line in table if line.startswith("two-stage audit"))) - 2
+    assert "(no graph captured: (c) ran eagerly)" in table[graphs_row]
+    assert table[-1].startswith("cascade 1x1 -> 4x5 (5% re-scored)")
     sys.modules.pop("gpu_bench", None)
 
 

@@ -390,7 +390,7 @@ def test_record_batches_keep_all_columns_and_row_numbers(tmp_path):
     assert table.to_pylist() == [{"caption": "a", "n": "1"}, {"caption": "b", "n": "two"}]
 
 
-ROW = {"id": "x", "caption": "c", "score": 1.0, "flagged": True, "source": "s", "row": 0, "n_tokens": 1,
+ROW = {"id": "x", "caption": "c", "score": 1.0, "confirm_score": None, "flagged": True, "source": "s", "row": 0, "n_tokens": 1,
        "truncated": False, "status": "ok", "error": None}  # fmt: skip
 
 
