@@ -113,7 +113,12 @@ def load_caption_scorer(args: argparse.Namespace, score_sigma: float | None = No
 
     # One caption: CUDA graphs for a batch would cost more to capture than they save.
     return Scorer.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, cuda_graphs=False, score_sigma=score_sigma
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        cuda_graphs=False,
+        score_sigma=score_sigma,
+        variant=args.variant,
     )
 
 

@@ -94,6 +94,7 @@ def calibrate_threshold(
         "model": model,
         "model_fingerprint": scorer.fingerprint,
         "model_family": scorer.family_name,
+        "model_variant": getattr(scorer.components, "variant", None),
         "generations": generations,
         "steps": steps,
         "score_sigma": scorer.family.score_sigma,
