@@ -263,10 +263,14 @@ def generate_image(scorer, prompt_embeds, generations: int, seed: int, path: str
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from PIL import Image
 
+    from auditor.scoring.layout import vae_variant
     from auditor.scoring.magnitude import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 
     root = Path(scorer.components.root)
-    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=scorer.dtype, use_safetensors=True)
+    variant = vae_variant(root, scorer.components.variant)
+    vae = AutoencoderKL.from_pretrained(
+        root / "vae", torch_dtype=scorer.dtype, use_safetensors=True, variant=variant
+    )
     pipe = StableDiffusionPipeline(
         vae=vae.to(scorer.device),
         text_encoder=scorer.text_encoder,

@@ -284,6 +284,24 @@ def _detect_variant(weights: dict[str, dict[str | None, list[str]]], where: str)
     )
 
 
+def vae_variant(root: Path, variant: str | None) -> str | None:
+    """The variant to load `root`/vae with (only for images, never for scores): `variant` where the VAE has it, its
+    default weights where it has those, else its only variant; raises ModelLoadError when it has no weights (a hub
+    or s3:// model is fetched without them)."""
+    folder = root / "vae"
+    found = _weight_files([p.name for p in folder.iterdir()] if folder.is_dir() else [], DENOISER_WEIGHTS)
+    for candidate in (variant, None):
+        if candidate in found:
+            return candidate
+    if len(found) == 1:
+        return next(iter(found))
+    raise ModelLoadError(
+        f"{folder} has no VAE weights of variant {variant} to decode images with (variants there: "
+        f"{_variant_names(found)}); scoring never reads them, so a hub or s3:// model is fetched without them. "
+        "Pass a local copy of the full model folder."
+    )
+
+
 def list_model_folder(root: Path) -> list[str]:
     """Relative POSIX paths of the files at `root` and one folder below: all a diffusers layout uses, without
     walking whatever else a cloned repository holds."""

@@ -472,3 +472,21 @@ def test_hub_download_fetches_only_what_scoring_loads(tiny_model_dir, tmp_path, 
         ModelLoadError, match="--variant bf16: no component of hub model someone/sd15 has bf16"
     ):
         loading.resolve_model_dir("someone/sd15", variant="bf16")
+
+
+def test_mitigate_images_decode_with_the_vae_of_the_variant_or_say_why_not(tiny_model_dir, tmp_path):
+    from auditor.scoring.layout import vae_variant
+
+    model = with_sd15_extras(tiny_model_dir, tmp_path / "sd15")
+    assert vae_variant(model, None) is None and vae_variant(model, "fp16") == "fp16"
+    assert vae_variant(model, "bf16") is None  # the VAE's default weights, as for any other component
+    only = fp16_only(tiny_model_dir, tmp_path / "fp16")
+    (only / "vae" / "diffusion_pytorch_model.safetensors").rename(
+        only / "vae" / "diffusion_pytorch_model.fp16.safetensors"
+    )
+    assert vae_variant(only, None) == "fp16"
+    (only / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    with pytest.raises(
+        ModelLoadError, match=r"vae has no VAE weights .*fetched without them. Pass a local copy"
+    ):
+        vae_variant(only, "fp16")
