@@ -82,9 +82,8 @@ class AuditPlan:
     model_variant: str | None = None  # the weights variant loaded (None: the default weights)
     # Run fingerprints of this same run under earlier model-fingerprint definitions: their records count too.
     earlier_fingerprints: frozenset[str] = frozenset()
-    earlier_model_fingerprint: str | None = (
-        None  # the model's under the first definition, where it was needed
-    )
+    # The model's fingerprint under the first definition, where it was needed (else None).
+    earlier_model_fingerprint: str | None = None
 
     @property
     def accepted_fingerprints(self) -> frozenset[str]:
@@ -316,14 +315,17 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
     selected = model_files(root, cfg.variant)
     model_family = selected.layout.name
     model_fingerprint = fingerprint_model(root, cfg.variant)
-    earlier_model = functools.cache(
-        lambda: legacy_fingerprint(root)
-    )  # read only when a record or file needs it
+    # Read only when a ledger record or the threshold file needs it. The first definition knew no variants (auditor
+    # then loaded every component's default weights): only a run that loads those can match an audit made under it.
+    earlier_model = functools.cache(lambda: legacy_fingerprint(root))
+    has_earlier = all(variant is None for variant in selected.weights.values())
     score_options = {name: getattr(cfg, name) for name in SCALE_FIELDS}
-    warn_if_calibrated_elsewhere(threshold, model_family, model_fingerprint, score_options, earlier_model)
+    warn_if_calibrated_elsewhere(
+        threshold, model_family, model_fingerprint, score_options, earlier_model if has_earlier else None
+    )
     fingerprint = run_fingerprint(cfg, model_fingerprint, threshold)
     earlier: frozenset[str] = frozenset()
-    if any(record.get("fingerprint") != fingerprint for record in entries.values()):
+    if has_earlier and any(record.get("fingerprint") != fingerprint for record in entries.values()):
         # Records of audits from before the fingerprint covered only what scores read: the same run under the
         # first definition, when the model files are unchanged (computed once per state of the folder, cached).
         earlier = frozenset({run_fingerprint(cfg, earlier_model(), threshold)}) - {fingerprint}

@@ -3,6 +3,7 @@ fingerprint: what it covers, its digest cache, and the first definition's values
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -404,6 +405,11 @@ def test_outputs_audited_under_the_first_definition_are_not_audited_again(
     assert again.pending == [] and len(again.skipped) == 2
     assert again.earlier_fingerprints == {old_run} and again.earlier_model_fingerprint == old_model
     assert warnings == []  # the threshold file counts as calibrated on this model
+    # The first definition knew no variants (auditor loaded the default weights): fp16 weights are another model.
+    fp16 = plan_audit(dataclasses.replace(cfg, variant="fp16"))
+    assert len(fp16.pending) == 2 and fp16.earlier_fingerprints == frozenset()
+    assert any("calibrated on another model" in str(args) for args in warnings)
+    warnings.clear()
     # The first definition covered README-like files too; the new one does not: an unchanged model stays done.
     # A changed weight file is another model under both definitions: everything is audited again.
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
