@@ -202,6 +202,10 @@ def run_mitigate(args: argparse.Namespace) -> int:
             f"--generate needs the model's VAE to decode latents, and {root} has no vae/ folder. "
             "Drop --generate (the embedding is still written to --out) or pass a full Stable Diffusion folder."
         )
+    if args.generate:
+        from auditor.scoring.layout import vae_variant
+
+        vae_variant(root, scorer.components.variant)  # VAE weights there (a hub or s3:// copy has none)
 
     # 2. Optimise and save
     result = mitigate(

@@ -296,7 +296,7 @@ def vae_variant(root: Path, variant: str | None) -> str | None:
     if len(found) == 1:
         return next(iter(found))
     raise ModelLoadError(
-        f"{folder} has no VAE weights of variant {variant} to decode images with (variants there: "
+        f"{folder} has no VAE weights{f' of variant {variant}' if variant else ''} to decode images with (variants: "
         f"{_variant_names(found)}); scoring never reads them, so a hub or s3:// model is fetched without them. "
         "Pass a local copy of the full model folder."
     )

@@ -493,6 +493,21 @@ def test_mitigate_images_decode_with_the_vae_of_the_variant_or_say_why_not(tiny_
     assert vae_variant(only, None) == "fp16"
     (only / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
     with pytest.raises(
-        ModelLoadError, match=r"vae has no VAE weights .*fetched without them. Pass a local copy"
+        ModelLoadError,
+        match=r"vae has no VAE weights of variant fp16 .*fetched without them. Pass a local copy",
     ):
         vae_variant(only, "fp16")
+
+
+def test_mitigate_generate_without_vae_weights_fails_before_any_work(tiny_model_dir, tmp_path, capsys):
+    from auditor.cli import main
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (model / "vae" / "diffusion_pytorch_model.safetensors").unlink()  # as a hub or s3:// copy holds it
+    out = tmp_path / "e.safetensors"
+    argv = ["mitigate", "--model", str(model), CAPTIONS[0], "--target", "1", "--out", str(out)]
+    assert main([*argv, "--generate", str(tmp_path / "x.png")]) == 2
+    assert (
+        "vae has no VAE weights to decode images with (variants: none)" in capsys.readouterr().err
+        and not out.exists()
+    )
