@@ -110,16 +110,15 @@ def _download_from_hub(repo_id: str, variant: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        patterns = hub_allow_patterns(repo_id, variant)
+        try:
+            patterns = hub_allow_patterns(repo_id, variant)
+        except ModelLoadError:
+            raise
+        except Exception:  # offline or unreachable: a snapshot already in the hub cache still serves
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except ModelLoadError:
         raise
-    except Exception as exc:  # the hub client raises many unrelated types for "offline" and "not found"
-        raise ModelLoadError(
-            f"could not fetch hub model {repo_id!r} ({type(exc).__name__}: {exc}). "
-            "Without network access, download the diffusers folder elsewhere and pass its local path or s3:// URI."
-        ) from exc
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many unrelated types for "offline" and "not found"
         raise ModelLoadError(
             f"could not fetch hub model {repo_id!r} ({type(exc).__name__}: {exc}). "

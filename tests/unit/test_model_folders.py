@@ -511,3 +511,19 @@ def test_mitigate_generate_without_vae_weights_fails_before_any_work(tiny_model_
         "vae has no VAE weights to decode images with (variants: none)" in capsys.readouterr().err
         and not out.exists()
     )
+
+
+def test_offline_a_hub_snapshot_already_cached_still_serves(tiny_model_dir, monkeypatch):
+    import huggingface_hub
+
+    class OfflineApi:
+        def list_repo_files(self, repo_id):
+            raise OSError("offline")
+
+    def snapshot(repo_id, local_files_only=False, allow_patterns=None):
+        assert local_files_only and allow_patterns is None
+        return tiny_model_dir
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert loading.resolve_model_dir("someone/cached") == tiny_model_dir
