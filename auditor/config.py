@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,10 @@ MAX_STEPS = 50  # the DDIM-50 schedule the score follows
 SCORE_SIGMA_HELP = (
     "flow-matching models (SD3 / SD3.5) only: score at this noise level in (0, 1] instead of sigma = 1, after "
     "one CFG Euler step from x_T (default: sigma = 1, x_T itself; README 'Why sigma = 1 for SD3')"
+)
+VARIANT_HELP = (
+    "weights variant to load, as in diffusion_pytorch_model.<variant>.safetensors (e.g. fp16). Default: the "
+    "default weights, or the only variant a folder has (an fp16-only folder loads as fp16)"
 )
 # Rows per work unit (whole parquet row groups): the resume, commit and output-file granularity. At 100k rows a unit
 # is ~4 min of one GPU at 450 captions/s (a crash loses at most that per actor), one ~10 MB part file, and one
@@ -171,6 +176,7 @@ class ScoreConfig:
     confirm_generations: int | None = None
     confirm_steps: int | None = None
     screen_threshold: float | None = None
+    variant: str | None = None
 
     @staticmethod
     def option(name: str) -> str:
@@ -215,6 +221,13 @@ class ScoreConfig:
             raise ConfigError(f"{o('cpus-per-actor')} must be > 0, got {self.cpus_per_actor!r}.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"{o('dtype')} {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if self.variant is not None and not (
+            isinstance(self.variant, str) and re.fullmatch(r"[A-Za-z0-9_]+", self.variant)
+        ):
+            raise ConfigError(
+                f"{o('variant')} must be a weights variant name such as fp16 (letters, digits, _), got "
+                f"{self.variant!r}."
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -462,6 +475,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="diffusers SD folder: local path, hub id or fsspec URI (s3://bucket/model)",
     )
+    model.add_argument("--variant", default=argparse.SUPPRESS, help=VARIANT_HELP)
     model.add_argument(
         "--dtype", choices=DTYPES, default=argparse.SUPPRESS, help="auto = fp16 on CUDA, fp32 on CPU"
     )

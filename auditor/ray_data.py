@@ -92,9 +92,9 @@ class MemorizationScorer:
         )
 
     Keyword arguments are `ScoreConfig`'s (model, caption_column, threshold or threshold_file, generations,
-    steps, score_sigma, seed, batch_size, dtype, cuda_graphs, cpus_per_actor, storage_options, and the second
-    stage's confirm_generations, confirm_steps, screen_threshold: then memorization_confirm_score too). Batches may be pyarrow
-    Tables, pandas DataFrames or dicts of numpy arrays; the result has the same kind. Only the caption column
+    steps, score_sigma, seed, batch_size, dtype, cuda_graphs, cpus_per_actor, storage_options, variant, and the
+    second stage's confirm_generations, confirm_steps, screen_threshold: then memorization_confirm_score too).
+    Batches may be pyarrow Tables, pandas DataFrames or dicts of numpy arrays; the result has the same kind. Only the caption column
     goes through the audit's stages, so user columns named like the audit's own (status, score, id, ...) are
     never read or changed. Bad rows (null, empty, not a string) get their status and no score, never an error;
     a batch the model fails on gets score_error. Metrics: see auditor.pipeline.metrics. No resume, no ledger.
@@ -167,6 +167,7 @@ def add_memorization_scores(
     confirm_generations: int | None = None,
     confirm_steps: int | None = None,
     screen_threshold: float | None = None,
+    variant: str | None = None,
 ) -> ray.data.Dataset:
     """A new Dataset: every column of `ds`, plus memorization_score (float32, null unless memorization_status is
     ok), memorization_flag (bool, score > threshold) and memorization_status (the audit's row statuses).
@@ -174,20 +175,21 @@ def add_memorization_scores(
     Scored by `actors` MemorizationScorer actors (an ActorPoolStrategy), `batch_size` captions per call, each
     with `cpus_per_actor` CPUs and `gpus_per_actor` GPUs (None: 1 when the Ray cluster reports GPUs, else 0;
     resolving it connects to or starts Ray, as running the dataset would). threshold / threshold_file as in
-    `auditor audit` (neither: nothing is flagged). confirm_generations / confirm_steps turn on the second stage
-    as in `auditor audit --confirm-*` (screen_threshold, or the threshold file's): rows whose score is over the
-    screening threshold are scored again in the same actor, memorization_confirm_score holds that score, and
-    memorization_flag = score > screen_threshold and confirm score > threshold. The options are checked now, before anything runs: a bad
-    value, a missing caption column or an output column already in the dataset (when its schema is known
-    without running it) raises ConfigError. No resume and no ledger: a failed pipeline is rerun by its owner;
-    use `auditor audit` for resumable audits of a corpus.
+    `auditor audit` (neither: nothing is flagged); variant: the weights variant (`Scorer.from_pretrained`).
+    confirm_generations / confirm_steps turn on the second stage as in `auditor audit --confirm-*`
+    (screen_threshold, or the threshold file's): rows whose score is over the screening threshold are scored again
+    in the same actor, memorization_confirm_score holds that score, and memorization_flag = score >
+    screen_threshold and confirm score > threshold. The options are checked now, before anything runs: a bad
+    value, a missing caption column or an output column already in the dataset (when its schema is known without
+    running it) raises ConfigError. No resume and no ledger: a failed pipeline is rerun by its owner; use
+    `auditor audit` for resumable audits of a corpus.
     """
     # 1. Check inputs before any actor starts.
     options: dict[str, Any] = dict(
         model=model, caption_column=caption_column, threshold=threshold, threshold_file=threshold_file,
         generations=generations, steps=steps, score_sigma=score_sigma, seed=seed, batch_size=batch_size,
         cpus_per_actor=cpus_per_actor,
-        dtype=dtype, cuda_graphs=cuda_graphs, storage_options=dict(storage_options or {}),
+        dtype=dtype, cuda_graphs=cuda_graphs, storage_options=dict(storage_options or {}), variant=variant,
         confirm_generations=confirm_generations, confirm_steps=confirm_steps, screen_threshold=screen_threshold,
     )  # fmt: skip
     config = ScoreConfig(**options)

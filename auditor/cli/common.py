@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from auditor.config import SCORE_SIGMA_HELP, check_confirm_options
+from auditor.config import SCORE_SIGMA_HELP, VARIANT_HELP, check_confirm_options
 from auditor.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, PixArt): local path, hub id (owner/name) or "
         "fsspec URI (s3://bucket/model)",
     )
+    group.add_argument("--variant", default=None, help=VARIANT_HELP)
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     group.add_argument(
         "--dtype",
@@ -61,6 +62,7 @@ def load_scorer(args: argparse.Namespace) -> Scorer:
         dtype=args.dtype,
         batch_size=args.batch_size,
         score_sigma=args.score_sigma,
+        variant=args.variant,
     )
 
 

@@ -113,7 +113,12 @@ def load_caption_scorer(args: argparse.Namespace, score_sigma: float | None = No
 
     # One caption: CUDA graphs for a batch would cost more to capture than they save.
     return Scorer.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, cuda_graphs=False, score_sigma=score_sigma
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        cuda_graphs=False,
+        score_sigma=score_sigma,
+        variant=args.variant,
     )
 
 
@@ -197,6 +202,10 @@ def run_mitigate(args: argparse.Namespace) -> int:
             f"--generate needs the model's VAE to decode latents, and {root} has no vae/ folder. "
             "Drop --generate (the embedding is still written to --out) or pass a full Stable Diffusion folder."
         )
+    if args.generate:
+        from auditor.scoring.layout import vae_variant
+
+        vae_variant(root, scorer.components.variant)  # VAE weights there (a hub or s3:// copy has none)
 
     # 2. Optimise and save
     result = mitigate(
@@ -258,10 +267,14 @@ def generate_image(scorer, prompt_embeds, generations: int, seed: int, path: str
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from PIL import Image
 
+    from auditor.scoring.layout import vae_variant
     from auditor.scoring.magnitude import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 
     root = Path(scorer.components.root)
-    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=scorer.dtype, use_safetensors=True)
+    variant = vae_variant(root, scorer.components.variant)
+    vae = AutoencoderKL.from_pretrained(
+        root / "vae", torch_dtype=scorer.dtype, use_safetensors=True, variant=variant
+    )
     pipe = StableDiffusionPipeline(
         vae=vae.to(scorer.device),
         text_encoder=scorer.text_encoder,

@@ -1,4 +1,4 @@
-"""Copy a model folder from object storage to a local cache once. fsspec only."""
+"""Copy a model folder from object storage to a local cache once: only the files the caller selects. fsspec only."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,23 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("AUDITOR_CACHE", Path.home() / ".cache" / "auditor")) / "models"
 
 
-def localize_model_dir(uri: str, storage_options: dict[str, Any]) -> Path:
-    """Local copy of the folder at `uri`, fetched on first use; a marker file makes a half copy refetch."""
+# select(listing, read) -> the relative paths to copy: listing holds the folder's files as relative POSIX paths,
+# read(relative path) returns one file's bytes (for model_index.json).
+Selector = Callable[[Collection[str], Callable[[str], bytes]], Sequence[str]]
+
+
+def localize_model_dir(
+    uri: str, storage_options: dict[str, Any], select: Selector | None = None, tag: str | None = None
+) -> Path:
+    """Local copy of the folder at `uri`, fetched on first use; a marker file makes a half copy refetch.
+
+    select: which files to copy (None: all); tag: a name for the selection when it is not the default one (a
+    weights variant), so copies of different selections never mix.
+    """
     import fsspec
 
-    target = model_cache_dir() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
+    target = model_cache_dir() / (f"{key}-{tag}" if tag else key)
     if (target / COMPLETE_MARKER).exists():
         return target
     try:
@@ -35,8 +48,15 @@ def localize_model_dir(uri: str, storage_options: dict[str, Any]) -> Path:
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        logger.info("copying model %s to %s", redact_uri(uri), target)
-        fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
+        base = path.rstrip("/")
+        listing = [found[len(base) + 1 :] for found in fs.find(base) if found.startswith(base + "/")]
+        wanted = list(select(listing, lambda rel: fs.cat_file(f"{base}/{rel}")) if select else listing)
+        logger.info(
+            "copying %d of %d files of model %s to %s", len(wanted), len(listing), redact_uri(uri), target
+        )
+        for relative in wanted:
+            (partial / relative).parent.mkdir(parents=True, exist_ok=True)
+        fs.get([f"{base}/{rel}" for rel in wanted], [str(partial / rel) for rel in wanted])
     except ModelLoadError:
         raise
     except Exception as exc:

@@ -602,7 +602,7 @@ def run_holding_lease(
         kept = ledger.compact(
             keep=lambda r: (
                 r["source"] not in current
-                or record_matches(r, current[r["source"]], plan.fingerprint, cfg.unit_rows)
+                or record_matches(r, current[r["source"]], plan.accepted_fingerprints, cfg.unit_rows)
             )
         )
         timings["compact_ledger"] = time.perf_counter() - step
@@ -722,6 +722,12 @@ def summarize(
         "config": cfg.to_json(),
         "model_fingerprint": plan.model_fingerprint,
         "model_family": plan.model_family,
+        "model_variant": plan.model_variant,
+        **(
+            {"model_fingerprint_earlier": plan.earlier_model_fingerprint}
+            if plan.earlier_model_fingerprint and plan.earlier_model_fingerprint != plan.model_fingerprint
+            else {}
+        ),
         "run_fingerprint": plan.fingerprint,
         "threshold": plan.threshold.value,
         "threshold_origin": plan.threshold.origin,

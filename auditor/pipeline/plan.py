@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import importlib
@@ -14,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,15 @@ class AuditPlan:
     records: dict[str, list[dict[str, Any]]]  # source -> its ledger records valid for this run
     stale_sources: set[str]  # sources in the ledger whose records no longer match (changed file or options)
     timings_s: dict[str, float] = field(default_factory=dict)
+    model_variant: str | None = None  # the weights variant loaded (None: the default weights)
+    # Run fingerprints of this same run under earlier model-fingerprint definitions: their records count too.
+    earlier_fingerprints: frozenset[str] = frozenset()
+    # The model's fingerprint under the first definition, where it was needed (else None).
+    earlier_model_fingerprint: str | None = None
+
+    @property
+    def accepted_fingerprints(self) -> frozenset[str]:
+        return frozenset({self.fingerprint}) | self.earlier_fingerprints
 
 
 def resolve_threshold(cfg: ScoreConfig) -> ThresholdChoice:
@@ -178,10 +188,19 @@ def warn_if_calibrated_elsewhere(
     family: str,
     model_fingerprint: str,
     score_options: dict[str, Any] | None = None,
+    earlier_fingerprint: Callable[[], str] | None = None,
 ) -> None:
-    """A threshold file from another model family, model or score options still runs, with a warning."""
+    """A threshold file from another model family, model or score options still runs, with a warning.
+
+    earlier_fingerprint: the model's fingerprint under the first definition (`legacy_fingerprint`), computed only
+    when the file's differs from `model_fingerprint`: a file calibrated on this model before counts as its own.
+    """
     content = threshold.origin.get("content") if threshold.origin.get("kind") == "file" else None
     if isinstance(content, dict):
+        calibrated_on = content.get("model_fingerprint")
+        earlier = earlier_fingerprint is not None and calibrated_on not in (None, model_fingerprint)
+        if earlier and calibrated_on == earlier_fingerprint():
+            model_fingerprint = calibrated_on
         why = calibration_mismatch(content, family, model_fingerprint, score_options)
         if why is not None:
             logger.warning("--threshold-file %s %s", threshold.origin.get("path"), redact_text(why))
@@ -261,11 +280,17 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
     return unreadable
 
 
-def record_matches(record: dict[str, Any], file: InputFile, fingerprint: str, unit_rows: int) -> bool:
-    """A ledger record counts for this run only for the same file content, model + options and unit size."""
+def record_matches(
+    record: dict[str, Any], file: InputFile, fingerprint: str | Collection[str], unit_rows: int
+) -> bool:
+    """A ledger record counts for this run only for the same file content, model + options and unit size.
+
+    fingerprint: this run's, or every run fingerprint that counts as this run's (`AuditPlan.accepted_fingerprints`).
+    """
+    accepted = (fingerprint,) if isinstance(fingerprint, str) else fingerprint
     return (
         record.get("identity") == file.identity
-        and record.get("fingerprint") == fingerprint
+        and record.get("fingerprint") in accepted
         and record.get("unit_rows") == unit_rows
     )
 
@@ -280,7 +305,7 @@ def committed_units(records: list[dict[str, Any]]) -> tuple[frozenset[int], int 
 def diff_against_ledger(
     files: list[InputFile],
     entries: dict[tuple[str, int], dict[str, Any]],
-    fingerprint: str,
+    fingerprint: str | Collection[str],
     unit_rows: int,
     force: bool,
 ) -> tuple[list[WorkItem], list[InputFile], list[InputFile], dict[str, list[dict[str, Any]]], set[str]]:
@@ -338,7 +363,7 @@ def plan_audit(cfg: AuditConfig) -> AuditPlan:
 
 
 def _plan_audit(cfg: AuditConfig) -> AuditPlan:
-    from auditor.scoring.loading import check_model_dir, fingerprint_model, resolve_model_dir
+    from auditor.scoring.loading import fingerprint_model, legacy_fingerprint, model_files, resolve_model_dir
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -359,19 +384,32 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
             "the endpoint and credentials."
         ) from exc
     timings["read_ledger"] = time.perf_counter() - started
-    # 3. The model: local copy, layout check and fingerprint (hashing weights takes seconds for SD-sized models).
+    # 3. The model: local copy, layout check and fingerprint (hashing weights takes seconds for SD-sized models
+    # on a first start; later starts read per-file digests from the cache).
     started = time.perf_counter()
-    root = resolve_model_dir(cfg.model, cfg.storage_options)
-    model_family = check_model_dir(root).name
-    model_fingerprint = fingerprint_model(root)
+    root = resolve_model_dir(cfg.model, cfg.storage_options, cfg.variant)
+    selected = model_files(root, cfg.variant)
+    model_family = selected.layout.name
+    model_fingerprint = fingerprint_model(root, cfg.variant)
+    # Read only when a ledger record or the threshold file needs it. The first definition knew no variants (auditor
+    # then loaded every component's default weights): only a run that loads those can match an audit made under it.
+    earlier_model = functools.cache(lambda: legacy_fingerprint(root))
+    has_earlier = all(variant is None for variant in selected.weights.values())
     score_options = score_options_of(cfg.to_json(), threshold.cascade)
-    warn_if_calibrated_elsewhere(threshold, model_family, model_fingerprint, score_options)
+    warn_if_calibrated_elsewhere(
+        threshold, model_family, model_fingerprint, score_options, earlier_model if has_earlier else None
+    )
     fingerprint = run_fingerprint(cfg, model_fingerprint, threshold)
+    earlier: frozenset[str] = frozenset()
+    if has_earlier and any(record.get("fingerprint") != fingerprint for record in entries.values()):
+        # Records of audits from before the fingerprint covered only what scores read: the same run under the
+        # first definition, when the model files are unchanged (computed once per state of the folder, cached).
+        earlier = frozenset({run_fingerprint(cfg, earlier_model(), threshold)}) - {fingerprint}
     timings["model_fingerprint"] = time.perf_counter() - started
     # 4. What to do, file by file and unit by unit.
     started = time.perf_counter()
     pending, skipped, fresh, valid, stale = diff_against_ledger(
-        files, entries, fingerprint, cfg.unit_rows, cfg.force
+        files, entries, {fingerprint, *earlier}, cfg.unit_rows, cfg.force
     )
     timings["diff_ledger"] = time.perf_counter() - started
     # 5. Columns of a sample of the files that will be read.
@@ -399,4 +437,7 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
         records=valid,
         stale_sources=stale,
         timings_s=timings,
+        model_variant=selected.variant,
+        earlier_fingerprints=earlier,
+        earlier_model_fingerprint=earlier_model() if earlier_model.cache_info().currsize else None,
     )

@@ -121,7 +121,7 @@ def read_and_tokenize(
     batch: pa.Table, cfg: AuditConfig, batch_rows: int = DEFAULT_BATCH_ROWS
 ) -> Iterator[pa.Table]:
     """Ray Data UDF over work items (one input file per call: its InputFile fields + done_units): tokenized rows."""
-    tokenizer = CaptionTokenizer.from_model(cfg.model, cfg.storage_options)
+    tokenizer = CaptionTokenizer.from_model(cfg.model, cfg.storage_options, cfg.variant)
     for item in batch.to_pylist():
         done_units = frozenset(item.pop(DONE_UNITS) or ())
         for table in read_unit_rows(cfg, InputFile(**item), done_units, batch_rows):
@@ -161,6 +161,7 @@ class ScoreActor:
             dtype=cfg.dtype,
             batch_size=cfg.batch_size,
             score_sigma=cfg.score_sigma,
+            variant=cfg.variant,
             storage_options=cfg.storage_options,
             # None: graphs when the actor got a GPU (run() refuses --cuda-graphs when actors get none).
             cuda_graphs=cfg.cuda_graphs if torch.cuda.is_available() else False,

@@ -32,21 +32,26 @@ class CaptionTokenizer:
         self.max_length = int(tokenizer.max_length)
 
     @classmethod
-    def from_model(cls, model: str, storage_options: dict[str, Any] | None = None) -> CaptionTokenizer:
-        return _cached_tokenizer(model, tuple(sorted((storage_options or {}).items())))
+    def from_model(
+        cls, model: str, storage_options: dict[str, Any] | None = None, variant: str | None = None
+    ) -> CaptionTokenizer:
+        """variant: only where `model` is remote, for which copy of it to read (`resolve_model_dir`)."""
+        return _cached_tokenizer(model, tuple(sorted((storage_options or {}).items())), variant)
 
     def tokenize(self, captions: Sequence[str]) -> TokenizedCaptions:
         return self.tokenizer.tokenize(captions)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_tokenizer(model: str, storage_items: tuple[tuple[str, Any], ...]) -> CaptionTokenizer:
+def _cached_tokenizer(
+    model: str, storage_items: tuple[tuple[str, Any], ...], variant: str | None = None
+) -> CaptionTokenizer:
     """One tokenizer per worker process: Ray reuses worker processes across tasks."""
     from auditor.scoring.layout import detect_layout
     from auditor.scoring.loading import resolve_model_dir
     from auditor.scoring.tokens import load_packed_tokenizer
 
-    root = resolve_model_dir(model, dict(storage_items))
+    root = resolve_model_dir(model, dict(storage_items), variant)
     return CaptionTokenizer(load_packed_tokenizer(root, detect_layout(root)))
 
 

@@ -145,6 +145,7 @@ def threshold_record(
         "model": redact_uri(str(model)),  # the file is shared; a model URI may carry credentials
         "model_fingerprint": scorer.fingerprint,
         "model_family": scorer.family_name,
+        "model_variant": getattr(scorer.components, "variant", None),
         "generations": generations,
         "steps": steps,
         "score_sigma": scorer.family.score_sigma,

@@ -202,10 +202,13 @@ def threshold_view(current: AuditOutput) -> dict[str, Any]:
                 shown = format_percent(value) if key.endswith("fpr") else format_value(value)
                 view["details"].append((label, shown))
         config = summary.get("config") or {}
+        model_fingerprint = summary.get("model_fingerprint") or ""
+        if content.get("model_fingerprint") == summary.get("model_fingerprint_earlier"):
+            model_fingerprint = content["model_fingerprint"]  # this model, under the first definition
         why = calibration_mismatch(
             content,
             summary.get("model_family") or "",
-            summary.get("model_fingerprint") or "",
+            model_fingerprint,
             score_options_of(config, (summary.get("stages") or {}).get("confirm")),
         )
         if why is not None:
@@ -249,6 +252,7 @@ def summary_section(current: AuditOutput, scan: ScoreScan) -> dict[str, Any]:
             for key, label in (
                 ("model_family", "model family"),
                 ("model_fingerprint", "model fingerprint"),
+                ("model_variant", "model weights variant"),
                 ("run_fingerprint", "run fingerprint"),
                 ("auditor_version", "auditor version"),
                 ("started_at", "started"),

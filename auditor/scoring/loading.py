@@ -6,17 +6,18 @@ Knows diffusers/transformers layouts; remote folders are localised by `auditor.i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from auditor.errors import ModelLoadError
 from auditor.scoring import layout as layouts
-from auditor.scoring.layout import FamilyLayout
+from auditor.scoring.fingerprint import fingerprint_model, legacy_fingerprint  # noqa: F401 (re-exported)
+from auditor.scoring.layout import FamilyLayout, ModelFiles
 from auditor.scoring.tokens import load_packed_tokenizer
 
 # Resolving a model folder needs no torch: the pipeline's CPU stage does it for the tokenizer.
@@ -25,21 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# What a scoring run needs from a hub snapshot, for every family's component folders; pickles are never fetched.
-HUB_ALLOW_PATTERNS = [
-    "model_index.json",
-    *(
-        f"{folder}/{pattern}"
-        for folder in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-        for pattern in ("*.json", "*.safetensors")
-    ),
-    "tokenizer/*",
-    "tokenizer_2/*",
-    "tokenizer_3/*",
-    "scheduler/*.json",
-    "vae/config.json",
-]
-
 
 @dataclass
 class ModelComponents:
@@ -47,7 +33,8 @@ class ModelComponents:
 
     unet: the denoiser (a UNet, or a transformer for DiT families); tokenizer / text_encoder: the family's main
     ones; modules: every text encoder by folder (None where model_index.json records it as null);
-    packed_tokenizer: all of the family's tokenizers (`auditor.scoring.tokens.PackedTokenizer`).
+    packed_tokenizer: all of the family's tokenizers (`auditor.scoring.tokens.PackedTokenizer`); variant: the
+    weights variant loaded (None: the default weights; `auditor.scoring.layout.ModelFiles`).
     """
 
     root: Path
@@ -60,6 +47,7 @@ class ModelComponents:
     packed_tokenizer: Any = None
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     vae_config: dict[str, Any] | None = None
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         if self.packed_tokenizer is None:
@@ -76,15 +64,22 @@ def is_remote_uri(model: str) -> bool:
     return "://" in model and not model.startswith("file://")
 
 
-def resolve_model_dir(model: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Path:
-    """Local folder for `model`: a folder as is, an fsspec URI copied once to the local cache, or a hub id."""
+def resolve_model_dir(
+    model: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, variant: str | None = None
+) -> Path:
+    """Local folder for `model`: a folder as is, an fsspec URI copied once to the local cache, or a hub id. A copy
+    or download holds only what scoring loads for `variant` (`auditor.scoring.layout.select_model_files`)."""
     text = os.fspath(model)
     if text.startswith("file://"):
         text = text[len("file://") :]
     if is_remote_uri(text):
         from auditor.io.model_store import localize_model_dir
 
-        return localize_model_dir(text, storage_options or {})
+        def select(listing: Collection[str], read: Callable[[str], bytes]) -> list[str]:
+            index = json.loads(read(layouts.MODEL_INDEX)) if layouts.MODEL_INDEX in listing else None
+            return list(layouts.select_model_files(listing, index, variant, text).files)
+
+        return localize_model_dir(text, storage_options or {}, select, variant)
     path = Path(text).expanduser()
     if path.is_dir():
         return path
@@ -93,17 +88,37 @@ def resolve_model_dir(model: str | os.PathLike[str], storage_options: dict[str, 
             f"model {text!r} is a file; pass the diffusers folder that holds unet/, text_encoder/, ..."
         )
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return _download_from_hub(text)
+        return _download_from_hub(text, variant)
     raise ModelLoadError(
         f"model {text!r} is neither a local folder, an fsspec URI (s3://bucket/path) nor a hub id (owner/name)."
     )
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def hub_allow_patterns(repo_id: str, variant: str | None = None) -> list[str]:
+    """The files of hub repository `repo_id` that scoring loads for `variant`: the snapshot's allow_patterns. Other
+    variants, non-EMA and pickle weights, VAE weights, safety checker and root checkpoints are never fetched."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    listing = HfApi().list_repo_files(repo_id)
+    index = None
+    if layouts.MODEL_INDEX in listing:
+        index = json.loads(Path(hf_hub_download(repo_id, layouts.MODEL_INDEX)).read_text())
+    return list(layouts.select_model_files(listing, index, variant, f"hub model {repo_id}").files)
+
+
+def _download_from_hub(repo_id: str, variant: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
+        try:
+            patterns = hub_allow_patterns(repo_id, variant)
+        except ModelLoadError:
+            raise
+        except Exception:  # offline or unreachable: a snapshot already in the hub cache still serves
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except ModelLoadError:
+        raise
     except Exception as exc:  # the hub client raises many unrelated types for "offline" and "not found"
         raise ModelLoadError(
             f"could not fetch hub model {repo_id!r} ({type(exc).__name__}: {exc}). "
@@ -111,17 +126,26 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def check_model_dir(root: Path) -> FamilyLayout:
+def check_model_dir(root: Path, variant: str | None = None) -> FamilyLayout:
     """The folder's family layout, after naming what is missing and refusing pickle-only weights."""
-    return layouts.check_model_dir(root)
+    return layouts.check_model_dir(root, variant)
 
 
-def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> ModelComponents:
-    """Load the family's tokenizers, text encoders, denoiser and scheduler config from a checked local folder."""
+def model_files(root: Path, variant: str | None = None) -> ModelFiles:
+    """What scoring loads from the local folder `root` for `variant` (None: detected), and its family."""
+    return layouts.model_files(root, variant)
+
+
+def load_components(
+    root: Path, device: torch.device, dtype: torch.dtype, variant: str | None = None
+) -> ModelComponents:
+    """Load the family's tokenizers, text encoders, denoiser and scheduler config from a checked local folder, the
+    weights of `variant` (None: the default weights, or the only variant a folder has)."""
     import diffusers
     import transformers
 
-    layout = check_model_dir(root)
+    files = model_files(root, variant)
+    layout = files.layout
     transformers.utils.logging.disable_progress_bar()
     packed = load_packed_tokenizer(root, layout)
     present = set(layouts.present_components(root, layout))
@@ -133,11 +157,18 @@ def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Mod
         text_config = json.loads((root / name / "config.json").read_text())
         architecture = (text_config.get("architectures") or ["CLIPTextModel"])[0]
         text_encoder_cls = getattr(transformers, architecture, transformers.CLIPTextModel)
-        encoder = text_encoder_cls.from_pretrained(root / name, use_safetensors=True, dtype=dtype)
+        encoder = text_encoder_cls.from_pretrained(
+            root / name, use_safetensors=True, dtype=dtype, variant=files.weights[name]
+        )
         modules[name] = encoder.to(device=device).eval().requires_grad_(False)
     denoiser_config = json.loads((root / layout.denoiser / "config.json").read_text())
     denoiser_cls = getattr(diffusers, denoiser_config.get("_class_name", "UNet2DConditionModel"))
-    denoiser = denoiser_cls.from_pretrained(root / layout.denoiser, use_safetensors=True, torch_dtype=dtype)
+    denoiser = denoiser_cls.from_pretrained(
+        root / layout.denoiser,
+        use_safetensors=True,
+        torch_dtype=dtype,
+        variant=files.weights[layout.denoiser],
+    )
     denoiser.to(device=device).eval().requires_grad_(False)
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     vae_config_path = root / "vae" / "config.json"
@@ -154,16 +185,5 @@ def load_components(root: Path, device: torch.device, dtype: torch.dtype) -> Mod
         packed_tokenizer=packed,
         pipeline_config=layouts.read_model_index(root) or {},
         vae_config=vae_config,
+        variant=files.variant,
     )
-
-
-def fingerprint_model(root: Path) -> str:
-    """sha256 over every component's configs and safetensors bytes: equal fingerprints, equal scores."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".txt"):
-            digest.update(str(path.relative_to(root)).encode())
-            with path.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()

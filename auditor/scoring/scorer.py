@@ -116,6 +116,7 @@ class Scorer:
         storage_options: dict[str, Any] | None = None,
         cuda_graphs: bool | None = None,
         score_sigma: float | None = None,
+        variant: str | None = None,
     ) -> Scorer:
         """Load a diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, PixArt; the family from model_index.json): local
         path, hub id, or fsspec URI (s3://bucket/model).
@@ -124,12 +125,14 @@ class Scorer:
         cuda_graphs None captures CUDA graphs for `batch_size` when on CUDA; True off CUDA is an error.
         score_sigma (flow-matching families only) scores at that noise level instead of sigma = 1: one CFG Euler
         step from x_T to sigma, then the magnitude there. Weights load from safetensors only.
+        variant: the weights variant to load (diffusion_pytorch_model.<variant>.safetensors, e.g. "fp16"); None: the
+        default weights, or the only variant a folder has (`auditor.scoring.layout.select_model_files`).
         """
         started = time.perf_counter()
         resolved_device = resolve_device(device)
         resolved_dtype = resolve_dtype(dtype, resolved_device)
-        root = resolve_model_dir(model, storage_options)
-        components = load_components(root, resolved_device, resolved_dtype)
+        root = resolve_model_dir(model, storage_options, variant)
+        components = load_components(root, resolved_device, resolved_dtype, variant)
         logger.info(
             "loaded %s on %s/%s in %.1fs",
             root,
@@ -190,9 +193,9 @@ class Scorer:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the model folder's configs and weights (see `fingerprint_model`)."""
+        """sha256 of the files that determine scores, for the loaded variant (see `fingerprint_model`)."""
         if self._fingerprint is None:
-            self._fingerprint = fingerprint_model(Path(self.components.root))
+            self._fingerprint = fingerprint_model(Path(self.components.root), self.components.variant)
         return self._fingerprint
 
     # 2. Text ----------------------------------------------------------------------------------------------------

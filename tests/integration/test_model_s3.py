@@ -12,16 +12,32 @@ from auditor.errors import ModelLoadError
 pytestmark = pytest.mark.integration
 
 
+# Files of the SD 1.5 repository that scoring never loads: the copy must leave them in the bucket.
+EXTRAS = (
+    "v1-5-pruned.safetensors",
+    "README.md",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "safety_checker/model.safetensors",
+    "feature_extractor/preprocessor_config.json",
+)
+
+
 def test_scorer_loads_from_s3_and_caches(s3_endpoint, micro_model_dir, micro_scorer, tmp_path, monkeypatch):
     monkeypatch.setenv("AUDITOR_CACHE", str(tmp_path / "cache"))
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     fs.mkdir("models-bucket")
     fs.put(str(micro_model_dir) + "/", "models-bucket/sd/micro/", recursive=True)
+    for relative in EXTRAS:
+        fs.pipe(f"models-bucket/sd/micro/{relative}", b"not a model file: copying it is the bug")
     options = {"endpoint_url": s3_endpoint}
     remote = Scorer.from_pretrained("s3://models-bucket/sd/micro", device="cpu", storage_options=options)
     captions = ["a red cat", "an old castle at night"]
     np.testing.assert_allclose(remote.score(captions), micro_scorer.score(captions), rtol=1e-6)
     assert remote.fingerprint == micro_scorer.fingerprint
+    copied = {p.relative_to(remote.components.root).as_posix() for p in remote.components.root.rglob("*")}
+    assert not copied & set(EXTRAS) and "vae/diffusion_pytorch_model.safetensors" not in copied
+    assert "unet/diffusion_pytorch_model.safetensors" in copied
     # Second load comes from the local cache: deleting the bucket copy must not matter.
     fs.rm("models-bucket/sd/micro", recursive=True)
     again = Scorer.from_pretrained("s3://models-bucket/sd/micro/", device="cpu", storage_options=options)
