@@ -77,7 +77,7 @@ import json, sys
 from pathlib import Path
 from auditor.toy.shipped import shipped_model_dir
 manifest = json.loads((shipped_model_dir() / "toy_manifest.json").read_text())
-captions = [row["caption"] for row in manifest["memorized"] + manifest["held_out"]]
+captions = [row["caption"] if isinstance(row, dict) else row for row in manifest["memorized"] + manifest["held_out"]]
 Path(sys.argv[1]).write_text("\n".join(captions) + "\n")
 EOF
 for family in sd sd3; do

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from pathlib import Path
 
 try:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
-except ImportError:  # a bare venv: pip vendors packaging
+except ImportError:  # a bare interpreter: pip vendors packaging
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.utils import canonicalize_name
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pip vendors tomli
+    from pip._vendor import tomli as tomllib
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
