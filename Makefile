@@ -9,7 +9,7 @@ TOY_MODEL ?= .cache/toy-model
 DEMO_OUT ?= runs/demo
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: help install test test-fast demo report-screenshot bench lint format toy-model gpu-wheels clean
+.PHONY: help install test test-fast test-lower-bounds demo report-screenshot bench lint format toy-model gpu-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test: $(VENV)/.installed  ## run the whole test suite (GPU tests skip without CU
 
 test-fast: $(VENV)/.installed  ## unit tests only (no Ray, no S3 server)
 	$(PY) -m pytest -q -rfE --tb=short tests/unit
+
+test-lower-bounds: $(VENV)/.installed  ## every dependency at its declared minimum (.venv-min): unit tests, both toys, one audit
+	.ci/lower_bounds.sh
 
 demo: $(VENV)/.installed  ## shipped toy model: sample corpus, calibrate, audit on local Ray, top flags, HTML report
 	$(PY) -m auditor.toy.demo --out $(DEMO_OUT)

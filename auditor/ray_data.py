@@ -28,6 +28,7 @@ from auditor import schema
 from auditor.config import ScoreConfig
 from auditor.errors import ConfigError
 from auditor.io.readers import string_captions
+from auditor.pipeline import ray_compat
 from auditor.pipeline.plan import resolve_threshold
 from auditor.pipeline.stages import ScoreActor
 
@@ -217,8 +218,8 @@ def add_memorization_scores(
         fn_constructor_kwargs=options,
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
-        udf_modifying_row_count=False,
+        **ray_compat.actor_pool(actors),
+        **ray_compat.keeps_row_count(),
     )

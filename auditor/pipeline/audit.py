@@ -38,6 +38,7 @@ from auditor.io.lease import LeaseHeld, OutputLease
 from auditor.io.ledger import DONE, FAILED, Ledger
 from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, commit_unit, shard_dir
 from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, remove_tree, write_json
+from auditor.pipeline import ray_compat
 from auditor.pipeline.commit import (
     UnitState,
     UnitTracker,
@@ -197,8 +198,8 @@ def build_dataset(
         fn_constructor_kwargs={"cfg": cfg, "model_fingerprint": model_fingerprint},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        udf_modifying_row_count=False,
+        **ray_compat.actor_pool(cfg.actors),
+        **ray_compat.keeps_row_count(),
         **resources,
     )
     # Writing is I/O on rows that are already in the worker's object store: it asks for no CPU so that it can never
@@ -210,7 +211,7 @@ def build_dataset(
         batch_format="pyarrow",
         fn_kwargs={"cfg": cfg},
         num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS),
+        **ray_compat.task_pool(WRITE_TASKS),
     )
 
 

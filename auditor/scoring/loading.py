@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,14 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+
+def text_dtype_kwarg() -> str:
+    """transformers' from_pretrained keyword for the weights' dtype: 4.56 renamed torch_dtype to dtype (and warns on
+    the old name); before, an unknown `dtype` lands in the model config and fails its repr (TypeError: Object of
+    type dtype is not JSON serializable)."""
+    major, minor = (int(part) for part in metadata.version("transformers").split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 @dataclass
@@ -157,9 +166,14 @@ def load_components(
         text_config = json.loads((root / name / "config.json").read_text())
         architecture = (text_config.get("architectures") or ["CLIPTextModel"])[0]
         text_encoder_cls = getattr(transformers, architecture, transformers.CLIPTextModel)
-        encoder = text_encoder_cls.from_pretrained(
-            root / name, use_safetensors=True, dtype=dtype, variant=files.weights[name]
-        )
+        encoder, info = text_encoder_cls.from_pretrained(
+            root / name, use_safetensors=True, output_loading_info=True, variant=files.weights[name],
+            **{text_dtype_kwarg(): dtype},
+        )  # fmt: skip
+        weight_files = [
+            root / f for f in files.files if f.startswith(f"{name}/") and f.endswith(".safetensors")
+        ]
+        load_unprefixed_text_weights(encoder, root / name, info, weight_files)
         modules[name] = encoder.to(device=device).eval().requires_grad_(False)
     denoiser_config = json.loads((root / layout.denoiser / "config.json").read_text())
     denoiser_cls = getattr(diffusers, denoiser_config.get("_class_name", "UNet2DConditionModel"))
@@ -186,4 +200,33 @@ def load_components(
         pipeline_config=layouts.read_model_index(root) or {},
         vae_config=vae_config,
         variant=files.variant,
+    )
+
+
+def load_unprefixed_text_weights(
+    encoder: torch.nn.Module, folder: Path, info: dict[str, Any], weight_files: Sequence[Path] | None = None
+) -> None:
+    """Fill the weights `from_pretrained` left at their random init, or fail: never score with them. weight_files:
+    the safetensors files of the loaded variant (None: every one in `folder`).
+
+    transformers 5 saves a CLIPTextModel without its `text_model.` prefix (the shipped SD toy's text encoder);
+    transformers 4 looks for `text_model.<key>`, reports the file's keys as unexpected and the model's as missing.
+    """
+    missing = set(info.get("missing_keys") or ())
+    if not missing:
+        return
+    unexpected = set(info.get("unexpected_keys") or ())
+    prefix = "text_model."
+    if missing == {prefix + key for key in unexpected}:
+        from safetensors.torch import load_file
+
+        files = sorted(weight_files) if weight_files is not None else sorted(folder.glob("*.safetensors"))
+        state = {key: value for path in files for key, value in load_file(path).items() if key in unexpected}
+        encoder.get_submodule(prefix.rstrip(".")).load_state_dict(state, strict=True)
+        return
+    raise ModelLoadError(
+        f"{folder}: transformers left {len(missing)} weights of {type(encoder).__name__} uninitialised "
+        f"({', '.join(sorted(missing)[:3])}, ...; the file has {len(unexpected)} it did not use). The folder was "
+        "written for another transformers version or architecture: install the one that wrote it "
+        "(its config.json's transformers_version)."
     )

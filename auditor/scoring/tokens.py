@@ -58,8 +58,38 @@ def load_tokenizer(folder: Path) -> Any:
         for candidate in (name if name.endswith("Fast") else f"{name}Fast", name):
             cls = getattr(transformers, candidate, None)
             if cls is not None:
-                return cls.from_pretrained(folder)
-    return transformers.AutoTokenizer.from_pretrained(folder)
+                return tokenizer_from_pretrained(cls, folder)
+    return tokenizer_from_pretrained(transformers.AutoTokenizer, folder)
+
+
+# What tokenizers < 0.20 says of a tokenizer.json whose BPE merges are pairs (the format 0.20 and later write).
+PAIR_MERGES_ERROR = "untagged enum ModelWrapper"
+
+
+def tokenizer_from_pretrained(cls: Any, folder: Path) -> Any:
+    """`cls.from_pretrained(folder)`; where the installed tokenizers is older than the one that wrote the folder's
+    tokenizer.json (the shipped toys' is written by tokenizers >= 0.20), with that file's merges rewritten."""
+    try:
+        return cls.from_pretrained(folder)
+    except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+        if PAIR_MERGES_ERROR not in str(exc) or not (folder / "tokenizer.json").is_file():
+            raise
+        return cls.from_pretrained(
+            folder, tokenizer_object=tokenizer_with_string_merges(folder / "tokenizer.json")
+        )
+
+
+def tokenizer_with_string_merges(path: Path) -> Any:
+    """The `tokenizers.Tokenizer` of a tokenizer.json, its BPE merges written as "a b" strings: tokenizers 0.20
+    writes them as ["a", "b"] pairs (a token may hold a space), which only 0.20 and later read. Same ids, as long
+    as no merged token holds a space (true of CLIP's and GPT-2's byte-level BPE)."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = data.get("model", {}).get("merges")
+    if isinstance(merges, list):
+        data["model"]["merges"] = [" ".join(pair) if isinstance(pair, list) else pair for pair in merges]
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def validate_captions(captions: Sequence[Any]) -> list[str]:

@@ -40,9 +40,24 @@ def load_flow_pipeline(model_dir: str | Path):
     """
     from diffusers import StableDiffusion3Pipeline
 
+    from auditor.scoring.tokens import load_tokenizer
+
+    folder = Path(model_dir)
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        str(model_dir), text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+        str(folder),
+        tokenizer=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        dtype=torch.float32,
     )
+    # The toy ships tokenizer.json only: the class model_index.json names, CLIPTokenizer, is transformers 4's slow
+    # one, which needs vocab.json and merges.txt (and from_pretrained refuses a fast one in its place);
+    # load_tokenizer takes the fast one, as the Scorer does. __init__ read the length from the absent tokenizer.
+    pipe.register_modules(
+        tokenizer=load_tokenizer(folder / "tokenizer"), tokenizer_2=load_tokenizer(folder / "tokenizer_2")
+    )
+    pipe.tokenizer_max_length = pipe.tokenizer.model_max_length
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         module.eval()
