@@ -31,7 +31,8 @@ TESTS=(
   tests/unit/test_scorer.py tests/unit/test_families.py tests/unit/test_loading.py
   tests/unit/test_pipeline_actor.py tests/unit/test_shared_prefix.py tests/unit/test_toy_shipped.py
   tests/unit/test_toy_flow_shipped.py tests/unit/test_config.py tests/unit/test_cli.py tests/unit/test_report.py
-  tests/unit/test_layering.py tests/unit/test_version_compat.py
+  tests/unit/test_layering.py tests/unit/test_version_compat.py tests/unit/test_model_folders.py
+  tests/unit/test_redact.py
   # moto (a test extra) is not installed here.
   --deselect tests/unit/test_report.py::test_report_on_s3
   # transformers 4.40's `import transformers` imports torch (its utils.generic), so the tokenize workers load torch

@@ -23,7 +23,7 @@ SCREEN = "screen"
 CONFIRM = "confirm"
 STAGES = (SCREEN, CONFIRM)
 # Screening FPR of `auditor calibrate --confirm-*` when --screen-fpr is not given: the share of clean captions the
-# second stage re-scores. BENCHMARKS.md §3d measured it on the shipped toy; README "Two-stage audit" says why.
+# second stage re-scores. BENCHMARKS.md §3c measured it on the shipped toy; README "Two-stage audit" says why.
 DEFAULT_SCREEN_FPR = 0.05
 FLAG_RULE_TWO_STAGE = "score > screen_threshold and confirm_score > threshold"
 
