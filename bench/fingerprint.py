@@ -44,7 +44,7 @@ def timed(fn, repeat: int) -> tuple[float, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--gib", type=float, default=1.0, help="size of the large file (GiB)")
     parser.add_argument("--repeat", type=int, default=3, help="best of N for the repeatable columns")

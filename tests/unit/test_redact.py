@@ -181,7 +181,13 @@ def test_signed_and_userinfo_urls_list_with_their_credentials_only_in_path(http_
     assert [(f.source, f.shard, f.identity) for f in again] == [
         (f.source, f.shard, f.identity) for f in files
     ]
-    assert all(f.identity.startswith("size=") and "Last-Modified=" in f.identity for f in files)
+    assert all(f.identity.startswith("size=") for f in files)
+    # Where fsspec's HTTP listing reports Last-Modified (recent fsspec; 2024.6, the lower bound, reports only the
+    # size), it is part of the identity too.
+    import fsspec
+
+    if "Last-Modified" in fsspec.filesystem("http").info(f"http://{host}/captions.txt"):
+        assert all("Last-Modified=" in f.identity for f in files)
     assert SECRET not in repr([(f.source, f.shard, f.relative, f.identity) for f in files])
     # --format reads a signed URL whose path has no input extension.
     plain = f"http://{host}/c.jsonl?sig={SECRET}"
