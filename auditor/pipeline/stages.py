@@ -108,9 +108,8 @@ def read_unit_rows(
                 rows += table.num_rows
                 yield with_unit_columns(table, unit.index)
             yield control_table(file, schema.END_OF_UNIT, unit, rows, None, cfg.keep_columns)
-    except (
-        Exception
-    ) as exc:  # fsspec and aiohttp errors quote the URL opened (file.path), credentials included
+    except Exception as exc:
+        # fsspec and aiohttp errors quote the URL they opened (file.path), credentials included.
         error = redact_text(f"{type(exc).__name__}: {exc}")
         logger.warning("input %s unit %d failed after %d rows: %s", file.source, unit.index, rows, error)
         yield control_table(file, schema.READ_ERROR, unit, rows, error, cfg.keep_columns)
@@ -142,8 +141,10 @@ class ScoreActor:
     """Loads the Scorer once; each call scores the ok rows of a batch and sets score / flagged.
 
     Input: a tokenize_table output, or a read table without token columns (then it tokenizes itself).
-    Output: the batch without the internal token columns, plus score (float32, null unless status ok) and
-    flagged (bool); with explain_flagged also tokens / token_significance (null unless flagged).
+    Output: the batch without the internal token columns, plus score (float32, null unless status ok),
+    confirm_score (float32, null unless the second stage re-scored the row: auditor.scoring.cascade) and flagged
+    (bool); with explain_flagged also tokens / token_significance (null unless flagged); and the internal
+    denoiser-row columns per stage (schema.DENOISER_ROWS), which the write stage counts and drops.
 
     cfg: an AuditConfig, or a ScoreConfig (auditor.ray_data). model_fingerprint tags the actor's metrics
     (auditor.pipeline.metrics); None: the Scorer's own, computed only when the actor runs inside Ray.
@@ -231,9 +232,6 @@ class ScoreActor:
         out = out.append_column(
             schema.NODE, pa.array([self.node] * out.num_rows, pa.string()).dictionary_encode()
         )
-        # What this actor really runs with (a capture can fail, the shared head can turn off at its first score)
-        # rides along in the schema metadata of batches it scored, when that is settled: no per-row cost, and the
-        # driver strips it before writing.
         for stage, rows in cost.items():
             out = out.append_column(schema.DENOISER_ROWS[stage], pa.array(rows, pa.int32()))
         if self.metrics.enabled:
@@ -245,6 +243,9 @@ class ScoreActor:
                 rescored=int(rescored.sum()),
                 denoiser_rows={stage: int(rows.sum()) for stage, rows in cost.items()},
             )
+        # What this actor really runs with (a capture can fail, the shared head can turn off at its first score)
+        # rides along in the schema metadata of batches it scored, when that is settled: no per-row cost, and the
+        # driver strips it before writing.
         if ok.any():
             runtime = json.dumps({**self.scorer.runtime, **self.host_info}, sort_keys=True)
             out = out.replace_schema_metadata({schema.ACTOR_RUNTIME_KEY: runtime.encode()})
