@@ -193,6 +193,9 @@ def threshold_view(current: AuditOutput) -> dict[str, Any]:
         for key, label in (
             ("fpr", "target false-positive rate"),
             ("reference_fpr", "FPR at the threshold on the reference"),
+            ("screen_threshold", "screening threshold (second stage)"),
+            ("screen_fpr", "target screening FPR"),
+            ("screen_reference_fpr", "reference share over the screening threshold"),
             ("n_reference", "reference captions"),
             ("reference", "reference set"),
             ("created_at", "calibrated at"),
@@ -200,6 +203,8 @@ def threshold_view(current: AuditOutput) -> dict[str, Any]:
             if key in content:
                 value = content[key]
                 shown = format_percent(value) if key.endswith("fpr") else format_value(value)
+                if key == "screen_threshold" and isinstance(value, int | float):
+                    shown = format_score(value)
                 view["details"].append((label, shown))
         config = summary.get("config") or {}
         model_fingerprint = summary.get("model_fingerprint") or ""
@@ -329,8 +334,12 @@ def distribution_section(current: AuditOutput, scan: ScoreScan) -> dict[str, Any
         "above_range": counts[-1],
         "range": (histogram.LOW, histogram.HIGH),
         "has_reference": reference is not None,
-        "reference_fpr": content.get("reference_fpr") if reference is not None or quantiles else None,
-        "target_fpr": content.get("fpr"),
+        # With a second stage the first panel's line is the screening threshold: its share of the reference.
+        "reference_fpr": content.get("reference_fpr" if second is None else "screen_reference_fpr")
+        if reference is not None or quantiles
+        else None,
+        "target_fpr": content.get("fpr" if second is None else "screen_fpr"),
+        "threshold_label": "threshold" if second is None else "screening threshold",
         "n_reference": content.get("n_reference"),
         "reference_quantiles": sorted((float(q), float(v)) for q, v in quantiles.items()),
     }
