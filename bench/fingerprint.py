@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{'folder':8} {'first definition':>17} {'current, 1st start':>19} {'current, 2nd start':>19}")
         for case, folder in folders.items():
-            # The first definition, uncached (as every audit start computed it before): its reference code.
-            old_s, _ = timed(lambda folder=folder: legacy_uncached(folder), args.repeat)
+            # The first definition, uncached (as every audit start computed it before).
+            old_s, _ = timed(lambda folder=folder: fp.legacy_digest(folder), args.repeat)
             shutil.rmtree(work / "cache", ignore_errors=True)
             first_s, first = timed(lambda folder=folder: fp.fingerprint_model(folder), 1)
             second_s, second = timed(lambda folder=folder: fp.fingerprint_model(folder), args.repeat)
@@ -81,19 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def legacy_uncached(root: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".txt"):
-            digest.update(str(path.relative_to(root)).encode())
-            with path.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
 
 
 if __name__ == "__main__":

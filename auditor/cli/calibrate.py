@@ -19,7 +19,7 @@ from auditor.cli.common import (
 )
 from auditor.config import add_confirm_arguments
 from auditor.errors import InputDataError
-from auditor.scoring.cascade import DEFAULT_SCREEN_FPR
+from auditor.scoring.cascade import DEFAULT_SCREEN_FPR, check_screen_fpr
 
 EPILOG = """\
 examples:
@@ -134,11 +134,8 @@ def run(args: argparse.Namespace) -> int:
     screen_fpr = args.screen_fpr if args.screen_fpr is not None else DEFAULT_SCREEN_FPR
     if screen_threshold is not None:
         screen_fpr = None
-    if stage is not None and screen_fpr is not None and not args.fpr < screen_fpr < 1:
-        raise ConfigError(
-            f"--screen-fpr must be in (--fpr, 1) = ({args.fpr:g}, 1), got {screen_fpr:g}: the screen must pass more "
-            "clean captions than the final FPR allows; e.g. --screen-fpr 0.05."
-        )
+    if stage is not None and screen_fpr is not None:
+        check_screen_fpr(args.fpr, screen_fpr)  # before the model loads
     scorer = load_scorer(args)
     common = dict(
         fpr=args.fpr, generations=args.generations, steps=args.steps, seed=args.seed,

@@ -344,9 +344,9 @@ def length_counts(rows: pa.Table) -> dict[int, list[int]]:
     return counts
 
 
-def stage_counts(rows: pa.Table) -> dict[str, int]:
-    """{"rescored": rows with a confirm score, "denoiser_rows_<stage>": rows run} for a unit's scored rows."""
-    confirm = rows.column(schema.CONFIRM_SCORE) if schema.CONFIRM_SCORE in rows.column_names else None
+def stage_counts(rows: pa.Table, confirm: pa.ChunkedArray | None) -> dict[str, int]:
+    """{"rescored": rows with a confirm score, "denoiser_rows_<stage>": rows run} for a unit's scored rows and
+    their confirm_score column (None: rows staged without one)."""
     counts = {schema.RESCORED_COUNT: 0 if confirm is None else rows.num_rows - confirm.null_count}
     for stage, column in schema.DENOISER_ROWS.items():
         if column in rows.column_names:
@@ -415,7 +415,7 @@ def stage_and_acknowledge(batch: pa.Table, cfg: AuditConfig) -> pa.Table:
                 "histogram": json.dumps(histogram),
                 "nodes": json.dumps(dict(nodes)),
                 "tokens": json.dumps(length_counts(rows)),
-                "stages": json.dumps(stage_counts(rows)),
+                "stages": json.dumps(stage_counts(rows, confirm)),
                 "confirm_histogram": json.dumps(sparse_counts(confirm)),
             }
         )

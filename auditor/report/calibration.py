@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 
 from auditor import histogram
-from auditor.errors import ConfigError
 from auditor.redact import redact_uri
 from auditor.report.metrics import flagged_fraction, threshold_at_fpr
-from auditor.scoring.cascade import FLAG_RULE_TWO_STAGE, Stage, calibrate_confirm_threshold
+from auditor.scoring.cascade import FLAG_RULE_TWO_STAGE, Stage, calibrate_confirm_threshold, check_screen_fpr
 
 logger = logging.getLogger(__name__)
 
@@ -174,11 +173,8 @@ def calibrate_two_stage(
     confirm_score > T (the joint FPR). The record is the one-stage record with T as "threshold", plus S, the
     confirm settings, the measured FPRs and the confirm scores' histogram.
     """
-    if screen_threshold is None and (screen_fpr is None or not fpr < screen_fpr < 1):
-        raise ConfigError(
-            f"--screen-fpr must be in (--fpr, 1) = ({fpr:g}, 1), got {screen_fpr!r}: the screen must pass more "
-            "clean captions than the final FPR allows, or the second stage decides nothing; e.g. --screen-fpr 0.05."
-        )
+    if screen_threshold is None:
+        check_screen_fpr(fpr, screen_fpr)
     started = time.perf_counter()
     captions = list(reference_captions)
     scores = scorer.score(captions, generations=generations, steps=steps, seed=seed)

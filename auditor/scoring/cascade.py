@@ -28,6 +28,16 @@ DEFAULT_SCREEN_FPR = 0.05
 FLAG_RULE_TWO_STAGE = "score > screen_threshold and confirm_score > threshold"
 
 
+def check_screen_fpr(fpr: float, screen_fpr: float | None) -> None:
+    """A screening FPR calibration can use: in (fpr, 1), so the screen passes more clean captions than the final
+    FPR allows (at or under it, the second stage decides nothing)."""
+    if screen_fpr is None or not fpr < screen_fpr < 1:
+        raise ConfigError(
+            f"--screen-fpr must be in (--fpr, 1) = ({fpr:g}, 1), got {screen_fpr!r}: the screen must pass more "
+            "clean captions than the final FPR allows, or the second stage decides nothing; e.g. --screen-fpr 0.05."
+        )
+
+
 @dataclass(frozen=True)
 class Stage:
     """One scoring setting: `generations` initial noises, each followed for `steps` sampler steps."""

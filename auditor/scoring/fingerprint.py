@@ -110,22 +110,32 @@ def fingerprint_model(root: Path, variant: str | None = None) -> str:
     return digest.hexdigest()
 
 
+def legacy_paths(root: Path) -> list[Path]:
+    """What the first definition hashed: every .json/.safetensors/.txt under `root`, sorted."""
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in LEGACY_SUFFIXES]
+
+
+def legacy_digest(root: Path, paths: list[Path] | None = None) -> str:
+    """The first definition computed from the bytes, uncached (as every audit start computed it then)."""
+    digest = hashlib.sha256()
+    for path in legacy_paths(root) if paths is None else paths:
+        digest.update(str(path.relative_to(root)).encode())
+        _hash_file(path, digest)
+    return digest.hexdigest()
+
+
 def legacy_fingerprint(root: Path) -> str:
     """The first definition: sha256 of every .json/.safetensors/.txt under `root`, path then bytes, in sorted
     order. Audits recorded it as their model fingerprint; it is computed to recognise their ledger records and
     threshold files, once per state of the folder (then cached by the identities of those files)."""
-    paths = [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in LEGACY_SUFFIXES]
+    paths = legacy_paths(root)
     identities = [_identity(p) for p in paths]
     key = "legacy\0" + json.dumps([identity for identity, _ in identities])
     settled = all(ok for _, ok in identities)
     cached = _read_cached(key) if settled else None
     if cached is not None:
         return cached
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path.relative_to(root)).encode())
-        _hash_file(path, digest)
-    value = digest.hexdigest()
+    value = legacy_digest(root, paths)
     if settled:
         _write_cached(key, value)
     return value
