@@ -32,9 +32,10 @@ MIN_MEMORIZED_COSINE = 0.85
 MAX_SEEN_ONCE_COSINE_MEAN = 0.1
 
 
-# Keys that record where and how a folder was written, not what was trained: the diffusers version, and the
-# HF_HUB_OFFLINE of the process that saved the tokenizer (the tests set it, a shell may not).
-ENVIRONMENT_KEYS = ("_diffusers_version", "local_files_only")
+# Keys that record where and how a folder was written, not what was trained: the diffusers and transformers
+# versions (pip picks the newest within pyproject's ranges, so CI meets releases newer than the shipped build), and
+# the HF_HUB_OFFLINE of the process that saved the tokenizer (the tests set it, a shell may not).
+ENVIRONMENT_KEYS = ("_diffusers_version", "transformers_version", "local_files_only")
 
 
 def comparable(model_dir, name: str):
