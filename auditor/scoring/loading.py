@@ -223,6 +223,14 @@ def load_unprefixed_text_weights(
         files = sorted(weight_files) if weight_files is not None else sorted(folder.glob("*.safetensors"))
         state = {key: value for path in files for key, value in load_file(path).items() if key in unexpected}
         encoder.get_submodule(prefix.rstrip(".")).load_state_dict(state, strict=True)
+        # transformers has just printed "newly initialized ... You should probably TRAIN this model": say it is handled.
+        logger.info(
+            "%s: loaded %d weights saved without the `%s` prefix (a newer transformers wrote them); "
+            "transformers' 'newly initialized' warning above is resolved",
+            folder,
+            len(state),
+            prefix,
+        )
         return
     raise ModelLoadError(
         f"{folder}: transformers left {len(missing)} weights of {type(encoder).__name__} uninitialised "

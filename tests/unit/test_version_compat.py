@@ -133,15 +133,18 @@ class Encoder(torch.nn.Module):
         self.text_model = torch.nn.Linear(2, 2)
 
 
-def test_unprefixed_text_weights_are_loaded(tmp_path):
+def test_unprefixed_text_weights_are_loaded(tmp_path, caplog):
     saved = {"weight": torch.arange(4.0).reshape(2, 2), "bias": torch.tensor([5.0, 6.0])}
     save_file(saved, tmp_path / "model.safetensors")
     encoder = Encoder()
     info = {"missing_keys": ["text_model.weight", "text_model.bias"], "unexpected_keys": ["weight", "bias"]}
-    loading.load_unprefixed_text_weights(encoder, tmp_path, info)
+    with caplog.at_level("INFO", logger=loading.__name__):
+        loading.load_unprefixed_text_weights(encoder, tmp_path, info)
     assert torch.equal(encoder.text_model.weight, saved["weight"]) and torch.equal(
         encoder.text_model.bias, saved["bias"]
     )
+    # transformers 4 has just warned "newly initialized": the log says the weights were loaded after all.
+    assert "loaded 2 weights saved without the `text_model.` prefix" in caplog.text
 
 
 def test_nothing_missing_leaves_the_encoder_alone(tmp_path):
