@@ -28,7 +28,7 @@ from auditor.formats import (
     CODEC_EXTENSIONS,
     EXTENSIONS,
     QUERY_SCHEMES,
-    TEXT_FORMATS,
+    STREAM_FORMATS,
     resolve_format,
     url_path,
 )
@@ -153,10 +153,10 @@ def _file_format(
 ) -> tuple[str | None, str | None]:
     """(format, codec) of one listed file; raises ConfigError for parquet with a codec (it needs random access)."""
     file_format, codec = resolve_format(path, fmt, compression)
-    if file_format is not None and codec is not None and file_format not in TEXT_FORMATS:
+    if file_format is not None and codec is not None and file_format not in STREAM_FORMATS:
         raise ConfigError(
             f"INPUT {spec}: {redact_uri(path)} would be read as compressed {file_format} ({codec}), but only "
-            f"{', '.join(TEXT_FORMATS)} files can be compressed (parquet compresses inside the file). Decompress "
+            f"{', '.join(STREAM_FORMATS)} files can be compressed (parquet compresses inside the file). Decompress "
             "it, or pass --compression none if it is not compressed."
         )
     return file_format, codec
@@ -186,9 +186,9 @@ def list_inputs(
             elif fs.isfile(path):
                 if _file_format(shown, path, fmt, compression)[0] is None:
                     raise ConfigError(
-                        f"INPUT {shown} has an unknown extension; name it .parquet, .jsonl, .json, .csv, .tsv or "
-                        f".txt, the text ones optionally compressed ({', '.join(CODEC_EXTENSIONS)}: "
-                        "captions.jsonl.gz), or pass --format."
+                        f"INPUT {shown} has an unknown extension; name it .parquet, .jsonl, .json, .csv, .tsv, "
+                        f".txt or .tar (WebDataset), the text ones and tars optionally compressed "
+                        f"({', '.join(CODEC_EXTENSIONS)}: captions.jsonl.gz, shard.tar.gz), or pass --format."
                     )
                 root, candidates = url_path(path).rsplit("/", 1)[0], {path: fs.info(path)}
             else:

@@ -61,10 +61,8 @@ def cut_row_groups(row_group_rows: list[int], unit_rows: int) -> list[WorkUnit]:
     ]
 
 
-def units_of(fs: AbstractFileSystem, file: InputFile, unit_rows: int) -> list[WorkUnit]:
-    """The file's units: parquet from its footer (one small read), every other format one unit of unknown size."""
-    if file.format != "parquet":
-        return [WorkUnit(index=0, file_units=1, first_row=0, rows=None)]
+def row_group_units(fs: AbstractFileSystem, file: InputFile, unit_rows: int) -> list[WorkUnit]:
+    """A parquet file's units, from its footer (one small read). Other formats: auditor.io.readers.units_of."""
     with fs.open(file.path, "rb") as fh:
         metadata = pq.ParquetFile(fh).metadata
         sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]

@@ -1,0 +1,72 @@
+"""The interface every input format implements (one small reader class per format, registered by name in
+auditor.io.readers.READERS). pyarrow/fsspec only.
+
+The plan, the read stage and `auditor filter` ask a file's reader; none of them branches on the format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import ClassVar
+
+import pyarrow as pa
+from fsspec.spec import AbstractFileSystem
+
+from auditor.errors import InputDataError
+from auditor.io.inputs import InputFile, missing_columns_error, peek_columns
+from auditor.io.units import WorkUnit
+
+# Columns a reader may add to its raw tables besides the requested ones: a row's status and error (bad records)
+# and its synthetic id, for formats whose rows have a name of their own (a WebDataset sample's key).
+STATUS_FIELD = "_status"
+ERROR_FIELD = "_error"
+SYNTHETIC_ID_FIELD = "_id"
+
+
+class FormatReader:
+    """One input format. Subclasses set `name` and implement `caption_tables` and `record_batches`.
+
+    has_columns: False for formats whose rows are a caption only (txt): --id-column/--keep-columns do not apply.
+    fixed_caption: the one column such a format has, read whatever --caption-column says (None: the option's).
+    header_columns: a requested column missing from the file fails it whole as the read starts (a header or
+    footer says what it has); the other formats check a first stretch of records themselves.
+    """
+
+    name: ClassVar[str] = ""
+    has_columns: ClassVar[bool] = True
+    fixed_caption: ClassVar[str | None] = None
+    header_columns: ClassVar[bool] = False
+
+    def columns(self, fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str]:
+        """The column names a plan checks the options against (wanted: stop reading once all are seen)."""
+        return peek_columns(fs, file, wanted)
+
+    def missing_error(self, file: InputFile, missing: list[str], present: list[str]) -> str:
+        """The message for a file that lacks requested columns, while the audit goes on with the others."""
+        return missing_columns_error(file, missing, present)
+
+    def units(self, fs: AbstractFileSystem, file: InputFile, unit_rows: int) -> list[WorkUnit]:
+        """The file's work units: one of unknown size, read front to back (row numbers need the whole stream)."""
+        return [WorkUnit(index=0, file_units=1, first_row=0, rows=None)]
+
+    def caption_tables(
+        self,
+        fs: AbstractFileSystem,
+        file: InputFile,
+        wanted: list[str],
+        batch_rows: int,
+        row_groups: Sequence[int] | None = None,
+    ) -> Iterator[pa.Table]:
+        """Raw tables with the wanted columns (wanted[0] is the caption), plus optional STATUS_FIELD, ERROR_FIELD
+        and SYNTHETIC_ID_FIELD columns. row_groups: the unit's row groups, for formats with units."""
+        raise NotImplementedError
+
+    def record_batches(
+        self, fs: AbstractFileSystem, file: InputFile, batch_rows: int
+    ) -> Iterator[tuple[pa.Table, pa.Array]]:
+        """(table of every column, row indices (int64)) per batch, for `auditor filter`'s parquet output."""
+        raise NotImplementedError
+
+    def check_row_groups(self, file: InputFile, row_groups: Sequence[int] | None) -> None:
+        if row_groups is not None and list(row_groups):
+            raise InputDataError(f"{file.source}: row groups exist only in parquet, not in {file.format}.")

@@ -1,0 +1,216 @@
+"""WebDataset tar shards as input (auditor.io.webdataset): shards written by webdataset.TarWriter and by GNU tar,
+samples, fields, json keys, statuses and broken shards. No Ray."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+
+import fsspec
+import pyarrow as pa
+import pytest
+import webdataset as wds
+
+from auditor import schema
+from auditor.config import AuditConfig
+from auditor.errors import ConfigError, InputDataError
+from auditor.io.inputs import list_inputs
+from auditor.io.readers import columns_of, read_caption_batches, read_record_batches, units_of
+from auditor.io.webdataset import split_member_name
+from auditor.pipeline.plan import check_columns
+
+LOCAL = fsspec.filesystem("file")
+GNU_TAR = shutil.which("tar")
+
+
+def image_bytes(i: int) -> bytes:
+    """Stand-in image bytes (never decoded): not UTF-8, some kB."""
+    return bytes([0xFF, 0xD8, 0xFF, i % 256]) + os.urandom(2048)
+
+
+def write_shard(path, n: int = 5, start: int = 0) -> list[dict]:
+    """A shard as webdataset.TarWriter writes it (img2dataset's fields: jpg, txt, json)."""
+    samples = []
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(start, start + n):
+            sample = {
+                "__key__": f"{i:09d}",
+                "jpg": image_bytes(i),
+                "txt": f"caption {i}",
+                "json": {"caption": f"json caption {i}", "url": f"http://x/{i}.jpg", "width": i},
+            }
+            sink.write(sample)
+            samples.append(sample)
+    return samples
+
+
+def read_tar(path, caption="caption", **kwargs) -> pa.Table:
+    [file] = list_inputs((str(path),), None, {})
+    return pa.concat_tables(read_caption_batches(LOCAL, file, caption, batch_rows=2, **kwargs))
+
+
+def test_tarwriter_shard_reads_one_row_per_sample(tmp_path):
+    path = tmp_path / "00000.tar"
+    samples = write_shard(path)
+    [file] = list_inputs((str(tmp_path),), None, {})
+    assert (file.format, file.compression) == ("webdataset", None)
+    table = read_tar(path)
+    # The default --caption-column (caption) reads the .txt member; ids are <shard>:<key>; row = sample index.
+    assert table.column(schema.CAPTION).to_pylist() == [s["txt"] for s in samples]
+    assert table.column(schema.ID).to_pylist() == [f"{file.source}:{s['__key__']}" for s in samples]
+    assert table.column(schema.ROW).to_pylist() == list(range(5))
+    assert set(table.column(schema.STATUS).to_pylist()) == {schema.OK}
+    assert units_of(LOCAL, file, 1)[0].rows is None
+    columns = columns_of(LOCAL, file)
+    assert columns[:4] == ["__key__", "jpg", "json", "txt"]
+    assert {"caption", "json:caption", "json:url", "json:width"} <= set(columns)
+
+
+def test_json_fields_key_and_keep_columns(tmp_path):
+    path = tmp_path / "s.tar"
+    samples = write_shard(path, n=3)
+    table = read_tar(
+        path, "json:caption", id_column="__key__", keep_columns=("json:url", "json:width", "txt")
+    )
+    assert table.column(schema.CAPTION).to_pylist() == [s["json"]["caption"] for s in samples]
+    assert table.column(schema.ID).to_pylist() == [s["__key__"] for s in samples]
+    assert table.column("json:url").to_pylist() == [s["json"]["url"] for s in samples]
+    assert table.column("json:width").to_pylist() == ["0", "1", "2"]  # JSON text, as jsonl keep columns
+    assert table.column("txt").to_pylist() == [s["txt"] for s in samples]
+
+
+def test_gnu_tar_shards_plain_and_compressed_read_alike(tmp_path):
+    if GNU_TAR is None:
+        pytest.fail("GNU tar is needed to write test shards")
+    src = tmp_path / "src"
+    (src / "sub.v2").mkdir(parents=True)
+    for i in range(4):
+        (src / "sub.v2" / f"{i:04d}.txt").write_text(f"cap {i}")
+        (src / "sub.v2" / f"{i:04d}.seg.png").write_bytes(image_bytes(i))
+    (src / "README").write_text("no dot: belongs to no sample")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, flags in (("a.tar", "cf"), ("b.tar.gz", "czf"), ("c.tgz", "czf")):
+        subprocess.run(
+            [GNU_TAR, "--sort=name", "-C", str(src), f"-{flags}", str(out / name), "."], check=True
+        )
+    files = list_inputs((str(out),), None, {})
+    assert [(f.relative, f.format, f.compression) for f in files] == [
+        ("a.tar", "webdataset", None),
+        ("b.tar.gz", "webdataset", "gzip"),
+        ("c.tgz", "webdataset", "gzip"),
+    ]
+    tables = [
+        pa.concat_tables(read_caption_batches(LOCAL, f, "txt", keep_columns=("__key__",))) for f in files
+    ]
+    for table in tables:
+        # Dots in folder names are part of the key; the field is everything after the base name's first dot.
+        assert table.column("__key__").to_pylist() == [f"./sub.v2/{i:04d}" for i in range(4)]
+        assert table.column(schema.CAPTION).to_pylist() == [f"cap {i}" for i in range(4)]
+    assert "seg.png" in columns_of(LOCAL, files[0])
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_get_statuses_and_nothing_is_lost(tmp_path):
+    path = tmp_path / "bad.tar"
+    with tarfile.open(path, "w") as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        add_member(tar, "a.txt", b"first a")
+        add_member(tar, "a.json", b'{"caption": 1}')
+        add_member(tar, "b.jpg", image_bytes(1))  # no caption member: null caption
+        add_member(tar, "c.txt", b"\xff\xfe not utf-8")
+        add_member(tar, "._c.txt", b"macOS metadata")
+        add_member(tar, "d.txt", b"d")
+        add_member(tar, "d.json", b"{not json")
+        add_member(tar, "a.txt", b"a again")  # key a after other keys: a sample of its own
+        add_member(tar, "e.txt", b"e1")
+        add_member(tar, "e.txt", b"e2")  # the same field twice in one sample
+        add_member(tar, "NODOT", b"belongs to no sample")
+    table = read_tar(path, keep_columns=("__key__",))
+    assert table.column("__key__").to_pylist() == ["a", "b", "c", "d", "a#1", "e"]
+    assert len(set(table.column(schema.ID).to_pylist())) == 6
+    assert table.column(schema.CAPTION).to_pylist() == ["first a", None, None, "d", "a again", "e1"]
+    status = table.column(schema.STATUS).to_pylist()
+    assert status == [schema.OK, schema.OK, schema.BAD_RECORD, schema.OK, schema.OK, schema.BAD_RECORD]
+    errors = table.column(schema.ERROR).to_pylist()
+    assert "not UTF-8" in errors[2] and "appears twice" in errors[5]
+    # A .json that does not parse is a bad record when a json: column is read, and a caption that is no string
+    # is not_string.
+    table = read_tar(path, "json:caption")
+    assert table.column(schema.STATUS).to_pylist()[:4] == [
+        schema.NOT_STRING,
+        schema.OK,
+        schema.OK,
+        schema.BAD_RECORD,
+    ]
+    assert "not JSON" in table.column(schema.ERROR).to_pylist()[3]
+
+
+def test_member_names_as_webdataset_splits_them():
+    assert split_member_name("dir.v2/0001.seg.png") == ("dir.v2/0001", "seg.png")
+    assert split_member_name("0001.JPG") == ("0001", "jpg")
+    assert isinstance(split_member_name("dir/README"), str)
+    assert isinstance(split_member_name("__MACOSX/a.txt"), str)
+    assert isinstance(split_member_name("d/._0001.jpg"), str)
+
+
+def test_empty_shards_have_no_rows(tmp_path):
+    (tmp_path / "zero.tar").write_bytes(b"")
+    with tarfile.open(tmp_path / "nomembers.tar", "w"):
+        pass
+    for name in ("zero.tar", "nomembers.tar"):
+        assert list(_batches(tmp_path / name)) == []
+        [file] = list_inputs((str(tmp_path / name),), None, {})
+        assert columns_of(LOCAL, file) == []
+
+
+def _batches(path):
+    [file] = list_inputs((str(path),), None, {})
+    return read_caption_batches(LOCAL, file, "caption")
+
+
+def test_truncated_or_corrupt_shard_fails_naming_the_tar_error(tmp_path):
+    path = tmp_path / "cut.tar"
+    write_shard(path, n=20)
+    path.write_bytes(path.read_bytes()[:30000])
+    with pytest.raises(
+        InputDataError, match=r"cut\.tar is not a readable tar \(ReadError: .*truncated or corrupt"
+    ):
+        list(_batches(path))
+    (tmp_path / "junk.tar").write_bytes(b"this is not a tar" * 100)
+    [junk] = list_inputs((str(tmp_path / "junk.tar"),), None, {})
+    with pytest.raises(InputDataError, match=r"junk\.tar is not a readable tar \(ReadError: invalid header"):
+        columns_of(LOCAL, junk)
+
+
+def test_a_field_no_sample_has_lists_fields_and_json_keys(tmp_path):
+    path = tmp_path / "s.tar"
+    write_shard(path, n=2)
+    with pytest.raises(
+        InputDataError, match=r"no sample .* has the field 'prompt'.*columns are: __key__, jpg, json"
+    ):
+        list(read_caption_batches(LOCAL, list_inputs((str(path),), None, {})[0], "prompt"))
+    cfg = AuditConfig(
+        inputs=(str(path),), output=str(tmp_path / "out"), model="m", caption_column="json:prompt"
+    )
+    with pytest.raises(
+        ConfigError, match=r"--caption-column 'json:prompt' not found in .*json:caption, json:url"
+    ):
+        check_columns(cfg, list_inputs((str(path),), None, {}))
+
+
+def test_filter_records_are_not_read_from_tars(tmp_path):
+    path = tmp_path / "s.tar"
+    write_shard(path, n=1)
+    with pytest.raises(InputDataError, match="writes cleaned tar shards"):
+        list(read_record_batches(LOCAL, list_inputs((str(path),), None, {})[0]))
