@@ -1,5 +1,6 @@
-"""The interface every input format implements (one small reader class per format, registered by name in
-auditor.io.readers.READERS). pyarrow/fsspec only.
+"""The interfaces every input format implements: one small reader class per format, registered by name in
+auditor.io.readers.READERS, and for `auditor filter` one writer (auditor.io.filter_writers.WRITERS). pyarrow/fsspec
+only.
 
 The plan, the read stage and `auditor filter` ask a file's reader; none of them branches on the format.
 """
@@ -7,11 +8,13 @@ The plan, the read stage and `auditor filter` ask a file's reader; none of them 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import IO, Any, ClassVar
 
 import pyarrow as pa
 from fsspec.spec import AbstractFileSystem
 
+from auditor import schema
 from auditor.errors import InputDataError
 from auditor.io.inputs import InputFile, missing_columns_error, peek_columns
 from auditor.io.units import WorkUnit
@@ -70,3 +73,42 @@ class FormatReader:
     def check_row_groups(self, file: InputFile, row_groups: Sequence[int] | None) -> None:
         if row_groups is not None and list(row_groups):
             raise InputDataError(f"{file.source}: row groups exist only in parquet, not in {file.format}.")
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """An audit's verdicts on one input file's rows: id, flagged, score columns (empty when it has none).
+    audited: the audit has rows for the file at all."""
+
+    table: pa.Table
+    audited: bool
+
+    def lookup(self) -> dict[str, tuple[bool | None, float | None]]:
+        """{id: (flagged, score)}: one file's ids, for writers that look rows up one at a time."""
+        flags = self.table.column(schema.FLAGGED).to_pylist() if self.audited else []
+        scores = self.table.column(schema.SCORE).to_pylist() if self.audited else []
+        return dict(
+            zip(self.table.column(schema.ID).to_pylist(), zip(flags, scores, strict=True), strict=True)
+        )
+
+
+class FilterWriter:
+    """What `auditor filter` writes for one input file of a format: its output path under OUT, and the output
+    itself (every row not flagged in drop mode; every row with its flag and score in mark mode)."""
+
+    def target(self, root: str, file: InputFile, mode: str) -> str:
+        raise NotImplementedError
+
+    def write(
+        self,
+        fs: AbstractFileSystem,
+        file: InputFile,
+        out: IO[bytes],
+        verdicts: Verdicts,
+        mode: str,
+        id_column: str | None,
+        summary: dict[str, Any],
+    ) -> None:
+        """Write the output to out (the temporary file the caller moves into place); count into summary's rows,
+        flagged, written and unaudited."""
+        raise NotImplementedError

@@ -13,6 +13,8 @@ gives the same ids.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tarfile
@@ -22,12 +24,23 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.compression import compr
 from fsspec.spec import AbstractFileSystem
 
 from auditor import schema
 from auditor.errors import InputDataError
-from auditor.io.format_reader import ERROR_FIELD, STATUS_FIELD, SYNTHETIC_ID_FIELD, FormatReader
+from auditor.formats import strip_extensions
+from auditor.io.format_reader import (
+    ERROR_FIELD,
+    STATUS_FIELD,
+    SYNTHETIC_ID_FIELD,
+    FilterWriter,
+    FormatReader,
+    Verdicts,
+)
 from auditor.io.inputs import InputFile, open_input
+from auditor.io.storage import join
 from auditor.redact import redact_text
 
 logger = logging.getLogger(__name__)
@@ -48,10 +61,11 @@ TAR_ERRORS = (tarfile.TarError, EOFError, OSError)
 
 @dataclass
 class Member:
-    """One member of a sample: its original header, its field name, and its bytes (None: not read)."""
+    """One member of a sample: its original header, its field name, and its bytes (None: not read or no file).
+    field None: a member of no sample (a directory, a name without a dot) kept in place for the writer."""
 
     info: tarfile.TarInfo
-    field: str
+    field: str | None
     data: bytes | None
 
 
@@ -69,7 +83,7 @@ class Sample:
         return next((m.data for m in self.members if m.field == name), None)
 
     def fields(self) -> list[str]:
-        return [m.field for m in self.members]
+        return [m.field for m in self.members if m.field is not None]
 
 
 @dataclass
@@ -98,10 +112,12 @@ def split_member_name(name: str) -> tuple[str, str] | str:
 
 
 def iter_samples(
-    fh: IO[bytes], wanted: Callable[[str], bool], stats: ShardStats | None = None
-) -> Iterator[Sample]:
+    fh: IO[bytes], wanted: Callable[[str], bool], stats: ShardStats | None = None, keep_loose: bool = False
+) -> Iterator[Sample | Member]:
     """The samples of one tar stream in order. wanted(field): whether a member's bytes are read (the others are
-    streamed past). Memory: one sample's wanted bytes, plus one name per key seen (to spot reappearing keys)."""
+    streamed past). keep_loose: members of no sample come too, read whole, in their place (after the sample they
+    follow, or alone before the first sample); else they are only counted. Memory: one sample's read bytes, plus
+    one name per key seen (to spot reappearing keys)."""
     stats = stats if stats is not None else ShardStats()
     seen: Counter = Counter()
     current: Sample | None = None
@@ -109,12 +125,19 @@ def iter_samples(
     first = fh.read(1)
     if not first:  # a 0-byte shard: no samples (tarfile refuses it as an "empty file")
         return
-    with tarfile.open(fileobj=_Prefixed(first, fh), mode="r|*") as tar:
+    with tarfile.open(fileobj=_Prefixed(first, fh), mode="r|*", tarinfo=_CheckedTarInfo) as tar:
         for info in tar:
             tar.members = []  # a stream's TarFile keeps every header it met otherwise
             parsed = split_member_name(info.name) if info.isfile() else "non-file members skipped"
             if isinstance(parsed, str):
                 stats.skipped[parsed] += 1
+                if keep_loose:
+                    extracted = tar.extractfile(info) if info.isfile() else None
+                    loose = Member(info, None, extracted.read() if extracted is not None else None)
+                    if current is None:
+                        yield loose
+                    else:
+                        current.members.append(loose)
                 continue
             key, name = parsed
             if current is None or key != current.key:
@@ -131,6 +154,29 @@ def iter_samples(
             current.members.append(Member(info, name, extracted.read() if extracted is not None else None))
         if current is not None:
             yield current
+
+
+def iter_only_samples(fh: IO[bytes], wanted: Callable[[str], bool], stats: ShardStats) -> Iterator[Sample]:
+    for item in iter_samples(fh, wanted, stats):
+        assert isinstance(item, Sample)  # members of no sample come only with keep_loose
+        yield item
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile ends a stream quietly at a header that is cut short, missing or garbage anywhere but at byte 0, so a
+    truncated or corrupt shard would read as a shorter one. Only the end-of-archive marker (a zero block) ends a
+    shard here; any other bad header raises ReadError."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as exc:
+            raise tarfile.ReadError(f"unexpected end of data ({exc})") from None
+        except tarfile.InvalidHeaderError as exc:
+            raise tarfile.ReadError(f"invalid header after byte {tar.offset} ({exc})") from None
 
 
 class _Prefixed:
@@ -205,13 +251,15 @@ class WebDatasetReader(FormatReader):
         names: dict[str, None] = {}
         try:
             with open_input(fs, file) as fh:
-                for count, sample in enumerate(iter_samples(fh, lambda f: f == JSON_FIELD), start=1):
+                samples = iter_only_samples(fh, lambda f: f == JSON_FIELD, ShardStats())
+                for count, sample in enumerate(samples, start=1):
                     names.update(dict.fromkeys(columns_of_sample(sample)))
                     if count == KEY_CHECK_SAMPLES or (wanted and all(n in names for n in wanted)):
                         break
         except TAR_ERRORS as exc:
             raise InputDataError(tar_error(file, exc)) from exc
-        return list(names)
+        # A shard without samples lacks no column: it is 0 rows, not a file without the caption field.
+        return list(names) if names else list(wanted)
 
     def missing_error(self, file: InputFile, missing: list[str], present: list[str]) -> str:
         return missing_fields_error(file, missing, present)
@@ -229,7 +277,7 @@ class WebDatasetReader(FormatReader):
         stats = ShardStats()
         try:
             with open_input(fs, file) as fh:
-                samples = iter_samples(fh, needed.__contains__, stats)
+                samples = iter_only_samples(fh, needed.__contains__, stats)
                 head: list[Sample] = []
                 for sample in samples:
                     head.append(sample)
@@ -319,3 +367,123 @@ def sample_table(file: InputFile, samples: list[Sample], wanted: list[str]) -> p
     arrays[ERROR_FIELD] = pa.array(errors, type=pa.string())
     arrays[SYNTHETIC_ID_FIELD] = pa.array([f"{file.source}:{s.name}" for s in samples], type=pa.string())
     return pa.table(arrays)
+
+
+# Cleaned shards for `auditor filter` ----------------------------------------------------------------------------
+def sample_id(file: InputFile, sample: Sample, id_column: str | None) -> str:
+    """The id the audit gave this sample: its id column's value, else `<shard>:<sample name>`."""
+    synthetic = f"{file.source}:{sample.name}"
+    if not id_column:
+        return synthetic
+    value = sample_table(file, [sample], [id_column]).column(id_column)[0].as_py()
+    return synthetic if value is None else value
+
+
+def write_cleaned_shard(
+    fs: AbstractFileSystem,
+    file: InputFile,
+    out: IO[bytes],
+    drop: Callable[[Sample], bool],
+) -> tuple[int, int, list[str]]:
+    """Copy the shard to out (a binary stream, compressed by the caller as the input was) without the samples
+    drop() says: every kept member's original header and bytes, in the original order; members of no sample kept
+    in place. Returns (samples read, samples written, keys of the dropped samples). Memory: one sample."""
+    read = written = 0
+    dropped: list[str] = []
+    try:
+        with (
+            open_input(fs, file) as fh,
+            tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            for item in iter_samples(fh, lambda _: True, keep_loose=True):
+                members = [item] if isinstance(item, Member) else item.members
+                if isinstance(item, Sample):
+                    read += 1
+                    if drop(item):
+                        dropped.append(item.key)
+                        members = [m for m in item.members if m.field is None]
+                    else:
+                        written += 1
+                for member in members:
+                    tar.addfile(member.info, io.BytesIO(member.data) if member.data is not None else None)
+    except TAR_ERRORS as exc:
+        raise InputDataError(tar_error(file, exc)) from exc
+    return read, written, dropped
+
+
+def read_samples(fs: AbstractFileSystem, file: InputFile, fields: set[str]) -> Iterator[Sample]:
+    """The shard's samples with only these fields' bytes read: what `--mode mark` reads."""
+    try:
+        with open_input(fs, file) as fh:
+            yield from iter_only_samples(fh, fields.__contains__, ShardStats())
+    except TAR_ERRORS as exc:
+        raise InputDataError(tar_error(file, exc)) from exc
+
+
+@contextlib.contextmanager
+def compressed_like(out: IO[bytes], file: InputFile) -> Iterator[IO[bytes]]:
+    """out compressed with the input shard's codec (a .tar.gz shard is cleaned into a .tar.gz), fsspec's codecs."""
+    if file.compression is None:
+        yield out
+        return
+    with compr[file.compression](out, mode="wb") as stream:
+        yield stream
+
+
+class TarShardWriter(FilterWriter):
+    """Drop mode: OUT/<path under DATASET>, a tar of the same name (and codec) holding every sample not flagged,
+    member by member as the input had it (write_cleaned_shard). Mark mode: the tars stay as they are;
+    OUT/<path without extensions>.parquet has one row per sample: __key__, id, memorization_flag,
+    memorization_score, for trainers that filter as they read."""
+
+    def target(self, root: str, file: InputFile, mode: str) -> str:
+        if mode == "drop":
+            return join(root, file.relative)
+        return join(root, f"{strip_extensions(file.relative)}.parquet")
+
+    def write(
+        self,
+        fs: AbstractFileSystem,
+        file: InputFile,
+        out: IO[bytes],
+        verdicts: Verdicts,
+        mode: str,
+        id_column: str | None,
+        summary: dict[str, Any],
+    ) -> None:
+        lookup = verdicts.lookup()
+        flags: list[bool | None] = []
+        scores: list[float | None] = []
+        names: list[str] = []
+        ids: list[str] = []
+
+        def judge(sample: Sample) -> bool:
+            identity = sample_id(file, sample, id_column)
+            flag, score = lookup.get(identity, (None, None))
+            summary["rows"] += 1
+            summary["unaudited"] += identity not in lookup
+            summary["flagged"] += bool(flag)
+            if mode == "mark":
+                names.append(sample.name)
+                ids.append(identity)
+                flags.append(flag)
+                scores.append(score)
+            return bool(flag)
+
+        if mode == "drop":
+            with compressed_like(out, file) as stream:
+                _, written, _ = write_cleaned_shard(fs, file, stream, judge)
+            summary["written"] += written
+            return
+        for sample in read_samples(fs, file, _needed_fields([id_column]) if id_column else set()):
+            judge(sample)
+        table = pa.table(
+            {
+                KEY_FIELD: pa.array(names, pa.string()),
+                schema.ID: pa.array(ids, pa.string()),
+                schema.MEMORIZATION_FLAG: pa.array(flags, pa.bool_()),
+                schema.MEMORIZATION_SCORE: pa.array(scores, pa.float32()),
+            }
+        )
+        pq.write_table(table, out)
+        summary["written"] += table.num_rows

@@ -11,12 +11,15 @@ import tarfile
 
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
 from auditor import schema
 from auditor.config import AuditConfig
 from auditor.errors import ConfigError, InputDataError
+from auditor.io.filter_writers import writer_for
+from auditor.io.format_reader import Verdicts
 from auditor.io.inputs import list_inputs
 from auditor.io.readers import columns_of, read_caption_batches, read_record_batches, units_of
 from auditor.io.webdataset import split_member_name
@@ -172,6 +175,8 @@ def test_empty_shards_have_no_rows(tmp_path):
         assert list(_batches(tmp_path / name)) == []
         [file] = list_inputs((str(tmp_path / name),), None, {})
         assert columns_of(LOCAL, file) == []
+        # Nothing to lack a column: the plan reads it as 0 rows, not as a shard without the caption field.
+        assert columns_of(LOCAL, file, ["txt", "json:url"]) == ["txt", "json:url"]
 
 
 def _batches(path):
@@ -214,3 +219,80 @@ def test_filter_records_are_not_read_from_tars(tmp_path):
     write_shard(path, n=1)
     with pytest.raises(InputDataError, match="writes cleaned tar shards"):
         list(read_record_batches(LOCAL, list_inputs((str(path),), None, {})[0]))
+
+
+def verdicts_for(file, flagged_names: set[str], names: list[str]) -> Verdicts:
+    ids = [f"{file.source}:{n}" for n in names]
+    return Verdicts(
+        pa.table(
+            {
+                schema.ID: ids,
+                schema.FLAGGED: [n in flagged_names for n in names],
+                schema.SCORE: pa.array([float(i) for i in range(len(names))], pa.float32()),
+            }
+        ),
+        True,
+    )
+
+
+def members_of(path) -> list[tuple[str, bytes | None, int, int]]:
+    with tarfile.open(path, "r:*") as tar:
+        return [
+            (m.name, tar.extractfile(m).read() if m.isfile() else None, m.mode, int(m.mtime)) for m in tar
+        ]
+
+
+@pytest.mark.parametrize("name", ["00000.tar", "00001.tar.gz"])
+def test_cleaned_shard_keeps_every_other_member_byte_identical_in_order(tmp_path, name):
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / name
+    with tarfile.open(path, "w:gz" if name.endswith("gz") else "w") as tar:
+        folder = tarfile.TarInfo("d")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i in range(6):
+            for field, data in (("jpg", image_bytes(i)), ("txt", f"cap {i}".encode())):
+                info = tarfile.TarInfo(f"d/{i:03d}.{field}")
+                info.size, info.mode, info.mtime = len(data), 0o640, 1_700_000_000 + i
+                tar.addfile(info, io.BytesIO(data))
+    [file] = list_inputs((str(path),), None, {})
+    names = [f"d/{i:03d}" for i in range(6)]
+    flagged = {"d/001", "d/004"}
+    summary = {"rows": 0, "flagged": 0, "written": 0, "unaudited": 0}
+    writer = writer_for(file)
+    out = tmp_path / "out" / name
+    out.parent.mkdir()
+    assert writer.target(str(tmp_path / "out"), file, "drop") == str(out)
+    with open(out, "wb") as handle:
+        writer.write(LOCAL, file, handle, verdicts_for(file, flagged, names), "drop", None, summary)
+    assert summary == {"rows": 6, "flagged": 2, "written": 4, "unaudited": 0}
+    expected = [m for m in members_of(path) if not any(m[0].startswith(f"{k}.") for k in flagged)]
+    assert members_of(out) == expected  # names, bytes, modes and mtimes, in the input's order
+    # The readers trainers use read the cleaned shard: exactly the unflagged keys.
+    kept = list(wds.WebDataset(str(out), shardshuffle=False))
+    assert [s["__key__"] for s in kept] == [n for n in names if n not in flagged]
+    assert all(s["jpg"] == dict((m[0], m[1]) for m in expected)[f"{s['__key__']}.jpg"] for s in kept)
+
+    marked = tmp_path / "mark.parquet"
+    summary = dict.fromkeys(summary, 0)
+    with open(marked, "wb") as handle:
+        writer.write(LOCAL, file, handle, verdicts_for(file, flagged, names), "mark", None, summary)
+    table = pq.read_table(marked)
+    assert table.column("__key__").to_pylist() == names
+    assert table.column(schema.MEMORIZATION_FLAG).to_pylist() == [n in flagged for n in names]
+    assert writer.target("/o", file, "mark") == f"/o/{name.split('.')[0]}.parquet"
+
+
+def test_cleaning_a_truncated_shard_fails_naming_it(tmp_path):
+    path = tmp_path / "cut.tar"
+    write_shard(path, n=20)
+    path.write_bytes(path.read_bytes()[:30000])
+    [file] = list_inputs((str(path),), None, {})
+    counts = dict.fromkeys(("rows", "flagged", "written", "unaudited"), 0)
+    nothing = Verdicts(pa.table({schema.ID: pa.array([], pa.string())}), False)
+    with (
+        pytest.raises(InputDataError, match=r"cut\.tar is not a readable tar"),
+        open(tmp_path / "o.tar", "wb") as handle,
+    ):
+        writer_for(file).write(LOCAL, file, handle, nothing, "drop", None, counts)

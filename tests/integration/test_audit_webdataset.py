@@ -1,0 +1,114 @@
+"""WebDataset shards end to end on a local Ray: audit the tars, clean them with `auditor filter`, read the cleaned
+shards back with the readers trainers use (webdataset.WebDataset, ray.data.read_webdataset)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from audit_corpus import captions
+
+from auditor import schema
+from auditor.config import AuditConfig, FilterConfig
+
+pytestmark = pytest.mark.integration
+
+
+def write_shards(root: Path) -> dict[str, list[dict]]:
+    """Two good shards (one gzipped) written by webdataset.TarWriter, one truncated, one empty."""
+    root.mkdir(parents=True)
+    texts = captions("a photo of a", 24)
+    shards: dict[str, list[dict]] = {}
+    for number, name in enumerate(("00000.tar", "00001.tar.gz")):
+        samples = []
+        with wds.TarWriter(str(root / name)) as sink:
+            for i in range(12):
+                key = f"{number:05d}{i:04d}"
+                sample = {"__key__": key, "jpg": os.urandom(1500), "txt": texts[number * 12 + i]}
+                sample["json"] = {"caption": sample["txt"], "key": key}
+                sink.write(sample)
+                samples.append(sample)
+        shards[name] = samples
+    good = (root / "00000.tar").read_bytes()
+    (root / "00002.tar").write_bytes(good[: len(good) // 2 + 100])
+    (root / "00003.tar").write_bytes(b"")
+    return shards
+
+
+def members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path, "r:*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def test_audit_tars_then_clean_them(ray_local, tmp_path, micro_model_dir, micro_scorer):
+    from auditor.pipeline.audit import run
+    from auditor.pipeline.filter import run_filter
+
+    shards = write_shards(tmp_path / "in")
+    texts = [s["txt"] for samples in shards.values() for s in samples]
+    reference = dict(zip(texts, micro_scorer.score(texts).tolist(), strict=True))
+    threshold = float(np.median(list(reference.values())))
+    cfg = AuditConfig(
+        inputs=(str(tmp_path / "in"),), output=str(tmp_path / "out"), model=str(micro_model_dir),
+        threshold=threshold, dtype="fp32", batch_size=8, quiet=True,
+    )  # fmt: skip
+    result = run(cfg)
+
+    # 1. The truncated shard fails alone, naming the tar error; the empty one is 0 rows; one row per sample.
+    assert result.exit_code == 1 and list(result.failed) == [str(tmp_path / "in" / "00002.tar")]
+    audit = json.loads((tmp_path / "out" / "_audit.json").read_text())
+    assert "is not a readable tar (ReadError" in audit["files"]["failed"][0]["error"]
+    rows = pads.dataset(str(tmp_path / "out" / "scores"), format="parquet", partitioning="hive").to_table()
+    rows = rows.to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    expected_ids = {f"{tmp_path / 'in' / name}:{s['__key__']}" for name, v in shards.items() for s in v}
+    assert set(by_id) == expected_ids and len(rows) == 24
+    np.testing.assert_allclose(
+        [r["score"] for r in rows], [reference[r["caption"]] for r in rows], rtol=1e-5, atol=1e-6
+    )
+    flagged = {r["id"].rsplit(":", 1)[1] for r in rows if r["flagged"]}
+    assert 0 < len(flagged) < 24
+
+    # 2. Cleaned shards: same names, exactly the unflagged samples, every kept member byte-identical.
+    drop = run_filter(FilterConfig(inputs=(str(tmp_path / "in"),), audit_output=str(tmp_path / "out"),
+                                   output=str(tmp_path / "clean"), quiet=True))  # fmt: skip
+    failed = [f for f in drop.files if f["error"]]
+    assert [Path(f["source"]).name for f in failed] == ["00002.tar"] and "not a readable tar" in failed[0][
+        "error"
+    ]
+    assert sum(f["written"] + f["flagged"] for f in drop.files if not f["error"]) == 24
+    assert drop.counts["flagged"] - failed[0]["flagged"] == len(flagged)
+    for name in shards:
+        cleaned = tmp_path / "clean" / name
+        expected = [m for m in members(tmp_path / "in" / name) if m[0].split(".")[0] not in flagged]
+        assert members(cleaned) == expected
+        keys = [s["__key__"] for s in wds.WebDataset(str(cleaned), shardshuffle=False)]
+        assert keys == [s["__key__"] for s in shards[name] if s["__key__"] not in flagged]
+    import ray
+
+    read = ray.data.read_webdataset(str(tmp_path / "clean" / "00000.tar"), decoder=None).take_all()
+    assert sorted(r["__key__"] for r in read) == sorted(
+        s["__key__"] for s in shards["00000.tar"] if s["__key__"] not in flagged
+    )
+    by_key = {s["__key__"]: s for s in shards["00000.tar"]}
+    assert all(r["jpg"] == by_key[r["__key__"]]["jpg"] for r in read)
+    # A rerun replaces the shards, never duplicates; no temporary file is left.
+    run_filter(FilterConfig(inputs=(str(tmp_path / "in"),), audit_output=str(tmp_path / "out"),
+                            output=str(tmp_path / "clean"), quiet=True))  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == [
+        "00000.tar", "00001.tar.gz", "00003.tar", "_filter.json",
+    ]  # fmt: skip
+
+    # 3. Mark mode: the tars stay; one parquet per shard keyed by __key__.
+    run_filter(FilterConfig(inputs=(str(tmp_path / "in"),), audit_output=str(tmp_path / "out"),
+                            output=str(tmp_path / "marked"), mode="mark", quiet=True))  # fmt: skip
+    marked = pq.read_table(tmp_path / "marked" / "00001.parquet").to_pylist()
+    assert [r["__key__"] for r in marked] == [s["__key__"] for s in shards["00001.tar.gz"]]
+    assert all(r[schema.MEMORIZATION_FLAG] == (r["__key__"] in flagged) for r in marked)
