@@ -247,6 +247,8 @@ class AuditConfig(ScoreConfig, ParsedConfig):
     keep_columns: tuple[str, ...] = ()
     format: str | None = None
     compression: str | None = None
+    # WebDataset shards with a sidecar parquet beside them: read the sidecars instead of the tars.
+    read_sidecars: bool = False
     actors: int = 1
     gpus_per_actor: float = 1.0
     force: bool = False
@@ -471,6 +473,15 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         metavar="A,B",
         help="input columns copied to OUTPUT/scores (comma separated)",
+    )
+    shards = parser.add_argument_group("WebDataset shards")
+    shards.add_argument(
+        "--read-sidecars",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="where a .tar has a parquet of the same stem beside it (img2dataset's 00000.tar + 00000.parquet), read "
+        "the captions from that parquet (its rows with status success, joined on key) instead of the tar: about a "
+        "thousandth of the bytes, the same ids, captions and scores. Default: read the tars, what the trainer reads",
     )
     model = parser.add_argument_group("model and score")
     model.add_argument(

@@ -13,7 +13,7 @@ from fsspec.spec import AbstractFileSystem
 
 from auditor import schema
 from auditor.formats import strip_extensions
-from auditor.io.format_reader import FilterWriter, Verdicts
+from auditor.io.format_reader import Companion, FilterWriter, Verdicts
 from auditor.io.inputs import InputFile
 from auditor.io.readers import read_record_batches
 from auditor.io.storage import join
@@ -43,7 +43,7 @@ class ParquetFilterWriter(FilterWriter):
         mode: str,
         id_column: str | None,
         summary: dict[str, Any],
-    ) -> None:
+    ) -> list[Companion]:
         audited = verdicts.table
         audit_ids = audited.column(schema.ID)
         writer = None
@@ -70,6 +70,7 @@ class ParquetFilterWriter(FilterWriter):
             summary["written"] += table.num_rows
         if writer is not None:
             writer.close()
+        return []
 
 
 # The one table from format to filter writer; formats not named write parquet.

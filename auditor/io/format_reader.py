@@ -7,7 +7,7 @@ The plan, the read stage and `auditor filter` ask a file's reader; none of them 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
@@ -108,7 +108,16 @@ class FilterWriter:
         mode: str,
         id_column: str | None,
         summary: dict[str, Any],
-    ) -> None:
+    ) -> list[Companion]:
         """Write the output to out (the temporary file the caller moves into place); count into summary's rows,
-        flagged, written and unaudited."""
+        flagged, written and unaudited. Returns the files to write beside it once it is in place."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A file `auditor filter` writes beside a file's output (a cleaned shard's sidecar parquet): its name in the
+    output's folder, and what writes it to a binary stream."""
+
+    name: str
+    write: Callable[[IO[bytes]], None]

@@ -8,6 +8,7 @@ The listing is fsspec's own (`find`, `glob`); a file's format and codec come fro
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ from auditor.formats import (
     QUERY_SCHEMES,
     STREAM_FORMATS,
     resolve_format,
+    strip_extensions,
     url_path,
 )
 from auditor.io.storage import filesystem_for, to_uri
@@ -54,6 +56,9 @@ logger = logging.getLogger(__name__)
 DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, *([ZstdError] if ZstdError else []))
 GLOB_CHARS = re.compile(r"[*?\[]")
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+WEBDATASET_FORMAT = "webdataset"
+# A WebDataset shard read from its sidecar parquet: not a --format (a listing finds it beside its tar).
+SIDECAR_FORMAT = "webdataset_sidecar"
 # txt files have one column: the caption. Named like Ray Data's read_text column.
 TXT_COLUMN = "text"
 # A JSON-lines file has no header: its columns are the keys of its first records, this many non-blank lines. A
@@ -84,6 +89,9 @@ class InputFile:
     shard: str
     identity: str = ""
     compression: str | None = None  # fsspec's codec name (gzip, bz2, zstd, xz); None: read as it is
+    # A WebDataset shard's sidecar parquet (img2dataset's `00000.parquet` beside `00000.tar`), its path as `path`
+    # is; "" when it has none. Read instead of the tar when the format is SIDECAR_FORMAT.
+    sidecar: str = ""
 
 
 # Listing fields that change whenever an object's content does, in order of preference: content hashes first
@@ -163,11 +171,18 @@ def _file_format(
 
 
 def list_inputs(
-    specs: tuple[str, ...], fmt: str | None, storage_options: dict[str, Any], compression: str | None = None
+    specs: tuple[str, ...],
+    fmt: str | None,
+    storage_options: dict[str, Any],
+    compression: str | None = None,
+    read_sidecars: bool = False,
 ) -> list[InputFile]:
     """Every input file the specs name, sorted by source, each once, with its identity from the same listing
     (one listing call per spec, no per-file request). fmt / compression: --format (a FORMATS name) and
     --compression (a COMPRESSIONS name), None to go by extension. Raises ConfigError when nothing is found.
+
+    WebDataset shards with a sidecar parquet (pair_sidecars): the parquet is no input of its own; read_sidecars
+    reads it instead of the tar, under the tar's name.
     """
     found: dict[str, InputFile] = {}
     for spec in specs:
@@ -222,7 +237,48 @@ def list_inputs(
                 f"also followed by {', '.join(CODEC_EXTENSIONS)}; hidden and _ names skipped); pass --format to "
                 "read other names."
             )
-    return [found[s] for s in sorted(found)]
+    return pair_sidecars([found[s] for s in sorted(found)], read_sidecars)
+
+
+def pair_sidecars(files: list[InputFile], read_sidecars: bool) -> list[InputFile]:
+    """img2dataset's layout: `00000.tar`, `00000.parquet` (one row per URL tried: key, caption, status) and
+    `00000_stats.json` side by side. Such a parquet is the tar's sidecar, not an input: the shard is read one way,
+    never both (its tar by default, its sidecar with read_sidecars), always under the tar's name, so ids, the
+    ledger and outputs are the same either way. `<stem>_stats.json` beside a tar is img2dataset's shard summary,
+    not captions."""
+    shards = {strip_extensions(f.source): f for f in files if f.format == WEBDATASET_FORMAT}
+    if not shards:
+        return files
+    sidecars = {
+        strip_extensions(f.source): f
+        for f in files
+        if f.format == "parquet" and strip_extensions(f.source) in shards
+    }
+    stats = {f"{stem}_stats" for stem in shards}
+    kept: list[InputFile] = []
+    for f in files:
+        stem = strip_extensions(f.source)
+        if f.format != WEBDATASET_FORMAT and (stem in sidecars or (stem in stats and f.format == "jsonl")):
+            continue
+        if f.format == WEBDATASET_FORMAT and stem in sidecars:
+            sidecar = sidecars[stem]
+            f = dataclasses.replace(f, sidecar=sidecar.path)
+            if read_sidecars:
+                f = dataclasses.replace(
+                    f, path=sidecar.path, format=SIDECAR_FORMAT, identity=sidecar.identity, compression=None
+                )
+        kept.append(f)
+    if sidecars:
+        logger.info(
+            "%d of %d WebDataset shards have a sidecar parquet (img2dataset's layout): reading their %s (%s)",
+            len(sidecars),
+            len(shards),
+            "sidecars, as --read-sidecars asks" if read_sidecars else "tars",
+            "only rows with status success, the samples the tar holds"
+            if read_sidecars
+            else "what a trainer reads; --read-sidecars reads the parquet, about a thousandth of the bytes",
+        )
+    return kept
 
 
 def peek_columns(fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str]:

@@ -42,7 +42,7 @@ from auditor.io.inputs import (
     open_input,
 )
 from auditor.io.units import WorkUnit, row_group_units
-from auditor.io.webdataset import WebDatasetReader
+from auditor.io.webdataset import SidecarReader, WebDatasetReader
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +406,15 @@ class TxtReader(FormatReader):
 # The one table from format name to reader: the plan, the read stage and `auditor filter` ask it.
 READERS: dict[str, FormatReader] = {
     reader.name: reader
-    for reader in (ParquetReader(), CsvReader(), TsvReader(), JsonlReader(), TxtReader(), WebDatasetReader())
+    for reader in (
+        ParquetReader(),
+        CsvReader(),
+        TsvReader(),
+        JsonlReader(),
+        TxtReader(),
+        WebDatasetReader(),
+        SidecarReader(),
+    )
 }
 
 

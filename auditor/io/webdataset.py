@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.compression import compr
 from fsspec.spec import AbstractFileSystem
@@ -35,11 +36,12 @@ from auditor.io.format_reader import (
     ERROR_FIELD,
     STATUS_FIELD,
     SYNTHETIC_ID_FIELD,
+    Companion,
     FilterWriter,
     FormatReader,
     Verdicts,
 )
-from auditor.io.inputs import InputFile, open_input
+from auditor.io.inputs import SIDECAR_FORMAT, InputFile, open_input
 from auditor.io.storage import join
 from auditor.redact import redact_text
 
@@ -308,6 +310,104 @@ class WebDatasetReader(FormatReader):
         )
 
 
+# img2dataset's sidecar parquet: one row per URL tried, in download-completion order; the tar holds the rows whose
+# status is success. Its columns are the .json member's keys (url, caption, key, status, ...).
+SIDECAR_KEY = "key"
+SIDECAR_CAPTION = "caption"
+SIDECAR_STATUS = "status"
+SIDECAR_SUCCESS = "success"
+
+
+def sidecar_column(name: str) -> str:
+    """The sidecar column holding what a shard's column holds: __key__ -> key, txt -> caption, json:K -> K."""
+    if name == KEY_FIELD:
+        return SIDECAR_KEY
+    if name in (CAPTION_FIELD, CAPTION_ALIAS):
+        return SIDECAR_CAPTION
+    return name.removeprefix(JSON_PREFIX)
+
+
+def _as_text(column: pa.ChunkedArray) -> pa.Array:
+    """A column as the tar reader gives it: strings as they are, other values as their JSON text."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    return pa.array(
+        [v if v is None or isinstance(v, str) else json.dumps(v) for v in column.to_pylist()],
+        type=pa.string(),
+    )
+
+
+class SidecarReader(FormatReader):
+    """A WebDataset shard read from its sidecar parquet (auditor.io.inputs.pair_sidecars): only rows with status
+    success (the samples in the tar), ids `<tar>:<key>` as the tar reader makes them. row: the row's position among
+    those rows in the parquet (completion order), not its sample index in the tar."""
+
+    name = SIDECAR_FORMAT
+
+    def _names(self, fs: AbstractFileSystem, file: InputFile) -> list[str]:
+        with fs.open(file.path, "rb") as fh:
+            return list(pq.read_schema(fh).names)
+
+    def columns(self, fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str]:
+        try:
+            names = self._names(fs, file)
+        except Exception as exc:  # pyarrow and fsspec raise many types for an unreadable parquet
+            raise InputDataError(
+                f"{file.source}: its sidecar is not readable parquet ({type(exc).__name__}: "
+                f"{redact_text(str(exc))})"
+            ) from exc
+        shown = [KEY_FIELD] if SIDECAR_KEY in names else []
+        shown += [CAPTION_FIELD, CAPTION_ALIAS] if SIDECAR_CAPTION in names else []
+        return [*shown, *(f"{JSON_PREFIX}{n}" for n in names)]
+
+    def missing_error(self, file: InputFile, missing: list[str], present: list[str]) -> str:
+        return (
+            f"{file.source}: its sidecar parquet has no column for {', '.join(repr(n) for n in missing)} (__key__ "
+            f"is its key column, txt its caption column, json:K its column K); columns are: {', '.join(present)}. "
+            "Read the tars instead (leave out --read-sidecars), or pass a column the sidecar has."
+        )
+
+    def caption_tables(
+        self,
+        fs: AbstractFileSystem,
+        file: InputFile,
+        wanted: list[str],
+        batch_rows: int,
+        row_groups: Sequence[int] | None = None,
+    ) -> Iterator[pa.Table]:
+        self.check_row_groups(file, row_groups)
+        with fs.open(file.path, "rb") as fh:
+            parquet = pq.ParquetFile(fh)
+            names = parquet.schema_arrow.names
+            present = self.columns(fs, file)
+            missing = [n for n in wanted if n not in present]
+            if SIDECAR_KEY not in names or missing:
+                raise InputDataError(self.missing_error(file, missing or [KEY_FIELD], present))
+            has_status = SIDECAR_STATUS in names
+            read = list(dict.fromkeys([*(sidecar_column(n) for n in wanted), SIDECAR_KEY]))
+            read += [SIDECAR_STATUS] if has_status and SIDECAR_STATUS not in read else []
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=read):
+                table = pa.Table.from_batches([batch])
+                if has_status:
+                    table = table.filter(pc.equal(table.column(SIDECAR_STATUS), SIDECAR_SUCCESS))
+                keys = table.column(SIDECAR_KEY).cast(pa.string())
+                arrays = {
+                    name: table.column(sidecar_column(name))
+                    if name == wanted[0] and name != KEY_FIELD
+                    else _as_text(table.column(sidecar_column(name)))
+                    for name in dict.fromkeys(wanted)
+                }
+                arrays[SYNTHETIC_ID_FIELD] = pa.array(
+                    [f"{file.source}:{k}" for k in keys.to_pylist()], type=pa.string()
+                )
+                yield pa.table(arrays)
+
+    def record_batches(
+        self, fs: AbstractFileSystem, file: InputFile, batch_rows: int
+    ) -> Iterator[tuple[pa.Table, pa.Array]]:
+        raise InputDataError(f"{file.source}: `auditor filter` reads WebDataset shards from their tars.")
+
+
 def _chain(head: list[Sample], rest: Iterator[Sample]) -> Iterator[Sample]:
     # Pops the head as it goes, so a checked sample's bytes are freed once its row is built.
     while head:
@@ -450,7 +550,7 @@ class TarShardWriter(FilterWriter):
         mode: str,
         id_column: str | None,
         summary: dict[str, Any],
-    ) -> None:
+    ) -> list[Companion]:
         lookup = verdicts.lookup()
         flags: list[bool | None] = []
         scores: list[float | None] = []
@@ -472,9 +572,14 @@ class TarShardWriter(FilterWriter):
 
         if mode == "drop":
             with compressed_like(out, file) as stream:
-                _, written, _ = write_cleaned_shard(fs, file, stream, judge)
+                _, written, dropped = write_cleaned_shard(fs, file, stream, judge)
             summary["written"] += written
-            return
+            if not file.sidecar:
+                return []
+            name = f"{strip_extensions(file.relative).rsplit('/', 1)[-1]}.parquet"
+            return [
+                Companion(name, lambda handle: write_cleaned_sidecar(fs, file.sidecar, handle, set(dropped)))
+            ]
         for sample in read_samples(fs, file, _needed_fields([id_column]) if id_column else set()):
             judge(sample)
         table = pa.table(
@@ -487,3 +592,24 @@ class TarShardWriter(FilterWriter):
         )
         pq.write_table(table, out)
         summary["written"] += table.num_rows
+        return []
+
+
+def write_cleaned_sidecar(fs: AbstractFileSystem, path: str, out: IO[bytes], dropped: set[str]) -> None:
+    """The sidecar parquet at path without the rows of the dropped samples (joined on its key column); its other
+    rows (failed downloads included) and columns as they are."""
+    writer = None
+    with fs.open(path, "rb") as fh:
+        parquet = pq.ParquetFile(fh)
+        for batch in parquet.iter_batches():
+            table = pa.Table.from_batches([batch])
+            keys = table.column(SIDECAR_KEY).cast(pa.string())
+            table = table.filter(
+                pc.invert(pc.fill_null(pc.is_in(keys, pa.array(sorted(dropped), pa.string())), False))
+            )
+            writer = writer or pq.ParquetWriter(out, parquet.schema_arrow)
+            writer.write_table(table)
+    if writer is None:
+        pq.write_table(parquet.schema_arrow.empty_table(), out)
+    else:
+        writer.close()

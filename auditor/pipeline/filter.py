@@ -70,9 +70,13 @@ def filter_file(cfg: FilterConfig, id_column: str | None, file: InputFile) -> di
         temporary = f"{parent}/{TEMPORARY_PREFIX}{name}"
         out_fs.makedirs(parent, exist_ok=True)
         with out_fs.open(temporary, "wb") as handle:
-            writer.write(in_fs, file, handle, verdicts, cfg.mode, id_column, summary)
+            companions = writer.write(in_fs, file, handle, verdicts, cfg.mode, id_column, summary)
         out_fs.mv(temporary, target)
         summary["output"] = redact_uri(target)
+        for companion in companions:
+            with out_fs.open(f"{parent}/{TEMPORARY_PREFIX}{companion.name}", "wb") as handle:
+                companion.write(handle)
+            out_fs.mv(f"{parent}/{TEMPORARY_PREFIX}{companion.name}", f"{parent}/{companion.name}")
     except Exception as exc:  # fsspec errors quote the URL opened (file.path), credentials included
         summary["error"] = redact_text(f"{type(exc).__name__}: {exc}")
         logger.warning("filter of %s failed: %s", file.source, summary["error"])

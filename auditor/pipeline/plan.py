@@ -374,7 +374,7 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
     if cfg.explain_flagged:
         load_explain()
     # 2. Inputs (one listing, identities included) and what the ledger already holds.
-    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options, cfg.compression)
+    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options, cfg.compression, cfg.read_sidecars)
     timings["list_inputs"] = time.perf_counter() - started
     started = time.perf_counter()
     out_fs, out_path = filesystem_for(cfg.output, cfg.storage_options)

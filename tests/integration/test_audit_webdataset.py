@@ -3,12 +3,14 @@ shards back with the readers trainers use (webdataset.WebDataset, ray.data.read_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -36,6 +38,11 @@ def write_shards(root: Path) -> dict[str, list[dict]]:
                 sink.write(sample)
                 samples.append(sample)
         shards[name] = samples
+    # img2dataset's sidecar beside the first shard: rows in another order, failed downloads that are not in the tar.
+    rows = [{"key": s["__key__"], "caption": s["txt"], "status": "success"} for s in shards["00000.tar"]]
+    rows = rows[::-1] + [{"key": "999999999", "caption": "never downloaded", "status": "failed_to_download"}]
+    pq.write_table(pa.Table.from_pylist(rows), root / "00000.parquet")
+    (root / "00000_stats.json").write_text(json.dumps({"successes": 12}, indent=4))
     good = (root / "00000.tar").read_bytes()
     (root / "00002.tar").write_bytes(good[: len(good) // 2 + 100])
     (root / "00003.tar").write_bytes(b"")
@@ -75,6 +82,19 @@ def test_audit_tars_then_clean_them(ray_local, tmp_path, micro_model_dir, micro_
     )
     flagged = {r["id"].rsplit(":", 1)[1] for r in rows if r["flagged"]}
     assert 0 < len(flagged) < 24
+    # The same shards read from their sidecar where one is beside: the same ids, captions and scores.
+    sidecar_cfg = dataclasses.replace(cfg, output=str(tmp_path / "out-sidecar"), read_sidecars=True)
+    assert run(sidecar_cfg).exit_code == 1
+    again = pads.dataset(str(tmp_path / "out-sidecar" / "scores"), format="parquet", partitioning="hive")
+    again = {r["id"]: r for r in again.to_table().to_pylist()}
+    assert set(again) == set(by_id)
+    assert all(
+        again[i]["caption"] == r["caption"] and again[i]["flagged"] == r["flagged"] for i, r in by_id.items()
+    )
+    # Scores equal up to the batch a caption shared (another read order batches captions differently).
+    np.testing.assert_allclose(
+        [again[i]["score"] for i in by_id], [r["score"] for r in by_id.values()], rtol=1e-5
+    )
 
     # 2. Cleaned shards: same names, exactly the unflagged samples, every kept member byte-identical.
     drop = run_filter(FilterConfig(inputs=(str(tmp_path / "in"),), audit_output=str(tmp_path / "out"),
@@ -91,6 +111,11 @@ def test_audit_tars_then_clean_them(ray_local, tmp_path, micro_model_dir, micro_
         assert members(cleaned) == expected
         keys = [s["__key__"] for s in wds.WebDataset(str(cleaned), shardshuffle=False)]
         assert keys == [s["__key__"] for s in shards[name] if s["__key__"] not in flagged]
+    # The sidecar is cleaned with its shard: the flagged samples' rows go, the failed download stays.
+    sidecar = pq.read_table(tmp_path / "clean" / "00000.parquet").column("key").to_pylist()
+    assert sidecar == [s["__key__"] for s in shards["00000.tar"][::-1] if s["__key__"] not in flagged] + [
+        "999999999"
+    ]
     import ray
 
     read = ray.data.read_webdataset(str(tmp_path / "clean" / "00000.tar"), decoder=None).take_all()
@@ -103,7 +128,7 @@ def test_audit_tars_then_clean_them(ray_local, tmp_path, micro_model_dir, micro_
     run_filter(FilterConfig(inputs=(str(tmp_path / "in"),), audit_output=str(tmp_path / "out"),
                             output=str(tmp_path / "clean"), quiet=True))  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == [
-        "00000.tar", "00001.tar.gz", "00003.tar", "_filter.json",
+        "00000.parquet", "00000.tar", "00001.tar.gz", "00003.tar", "_filter.json",
     ]  # fmt: skip
 
     # 3. Mark mode: the tars stay; one parquet per shard keyed by __key__.

@@ -4,6 +4,7 @@ samples, fields, json keys, statuses and broken shards. No Ray."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -296,3 +297,84 @@ def test_cleaning_a_truncated_shard_fails_naming_it(tmp_path):
         open(tmp_path / "o.tar", "wb") as handle,
     ):
         writer_for(file).write(LOCAL, file, handle, nothing, "drop", None, counts)
+
+
+def write_img2dataset_layout(root, n: int = 8, failed: int = 3) -> list[dict]:
+    """img2dataset's output layout, made here: 00000.tar (TarWriter), 00000.parquet with one row per URL tried in
+    completion order (failed downloads are in it, not in the tar) and a pretty-printed 00000_stats.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    samples = write_shard(root / "00000.tar", n=n)
+    rows = [
+        {"url": s["json"]["url"], "caption": s["txt"], "key": s["__key__"], "status": "success", "width": i}
+        for i, s in enumerate(samples)
+    ]
+    rows += [
+        {"url": f"http://x/f{i}", "caption": f"failed {i}", "key": f"9{i:08d}", "status": "failed_to_download",
+         "width": None}
+        for i in range(failed)
+    ]  # fmt: skip
+    order = (
+        [rows[i] for i in (5, 9, 0, 7, 2, 8, 1, 10, 6, 3, 4)[: len(rows)]] if len(rows) == 11 else rows[::-1]
+    )
+    pq.write_table(pa.Table.from_pylist(order), root / "00000.parquet")
+    (root / "00000_stats.json").write_text(json.dumps({"count": n + failed, "successes": n}, indent=4))
+    return samples
+
+
+def test_sidecar_layout_is_read_one_way_with_the_same_ids_and_captions(tmp_path, caplog):
+    samples = write_img2dataset_layout(tmp_path / "shards")
+    caplog.set_level("INFO")
+    [tar] = list_inputs((str(tmp_path / "shards"),), None, {})
+    assert (tar.format, tar.sidecar) == ("webdataset", str(tmp_path / "shards" / "00000.parquet"))
+    assert "reading their tars" in caplog.text
+    [side] = list_inputs((str(tmp_path / "shards"),), None, {}, read_sidecars=True)
+    assert (side.source, side.format, side.path) == (tar.source, "webdataset_sidecar", tar.sidecar)
+    assert "reading their sidecars" in caplog.text
+    keep = ("json:url", "json:width", "__key__")
+    both = [
+        pa.concat_tables(read_caption_batches(LOCAL, f, caption, keep_columns=keep, batch_rows=3))
+        for f in (tar, side)
+        for caption in ("caption", "txt")
+    ]
+    columns = [schema.ID, schema.CAPTION, schema.STATUS, *keep]
+    rows = [sorted(zip(*(t.column(c).to_pylist() for c in columns), strict=True)) for t in both]
+    assert rows[0] == rows[1] == rows[2] == rows[3]
+    assert [r[1] for r in rows[0]] == [s["txt"] for s in samples]  # failed downloads are counted nowhere
+    ids = pa.concat_tables(read_caption_batches(LOCAL, side, "json:caption", id_column="__key__"))
+    assert sorted(ids.column(schema.ID).to_pylist()) == [s["__key__"] for s in samples]
+    assert {"__key__", "txt", "json:url", "json:status"} <= set(columns_of(LOCAL, side))
+
+
+def test_sidecar_without_the_column_or_key_fails(tmp_path):
+    write_img2dataset_layout(tmp_path / "s")
+    [side] = list_inputs((str(tmp_path / "s"),), None, {}, read_sidecars=True)
+    with pytest.raises(
+        InputDataError, match=r"sidecar parquet has no column for 'jpg'.*columns are: __key__, txt"
+    ):
+        list(read_caption_batches(LOCAL, side, "jpg"))
+    pq.write_table(pa.table({"caption": ["a"]}), tmp_path / "s" / "00000.parquet")
+    with pytest.raises(InputDataError, match=r"no column for '__key__'"):
+        list(read_caption_batches(LOCAL, side, "caption"))
+    (tmp_path / "s" / "00000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputDataError, match=r"its sidecar is not readable parquet"):
+        columns_of(LOCAL, side)
+    with pytest.raises(InputDataError, match=r"reads WebDataset shards from their tars"):
+        list(read_record_batches(LOCAL, side))
+
+
+def test_cleaned_sidecar_loses_only_the_dropped_samples_rows(tmp_path):
+    samples = write_img2dataset_layout(tmp_path / "in")
+    [file] = list_inputs((str(tmp_path / "in"),), None, {})
+    names = [s["__key__"] for s in samples]
+    flagged = {names[1], names[6]}
+    summary = dict.fromkeys(("rows", "flagged", "written", "unaudited"), 0)
+    with open(tmp_path / "00000.tar", "wb") as handle:
+        [companion] = writer_for(file).write(
+            LOCAL, file, handle, verdicts_for(file, flagged, names), "drop", None, summary
+        )
+    assert companion.name == "00000.parquet"
+    with open(tmp_path / "00000.parquet", "wb") as handle:
+        companion.write(handle)
+    before = pq.read_table(tmp_path / "in" / "00000.parquet").to_pylist()
+    after = pq.read_table(tmp_path / "00000.parquet").to_pylist()
+    assert after == [r for r in before if r["key"] not in flagged]  # failed rows and the order kept
