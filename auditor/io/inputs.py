@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 # OSError (gzip BadGzipFile, bz2 "Invalid data stream"), the codecs' own errors.
 DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, *([ZstdError] if ZstdError else []))
 GLOB_CHARS = re.compile(r"[*?\[]")
+# Brace groups in INPUT: `{00000..01023}` or `{a,b}` (a `{` in a name without `..` or `,` stays as it is).
+BRACE = re.compile(r"\{([^{}]*)\}")
+MAX_BRACE_NAMES = 1_000_000
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 WEBDATASET_FORMAT = "webdataset"
 # A WebDataset shard read from its sidecar parquet: not a --format (a listing finds it beside its tar).
@@ -152,6 +155,73 @@ def _names_file(path: str, fmt: str | None) -> bool:
     )
 
 
+def expand_braces(spec: str) -> list[str]:
+    """The names a spec's brace groups stand for, as webdataset users write shard lists: `{00000..01023}` (zero-padded
+    to its bounds' width when one starts with 0) and `{a,b}`; several groups multiply. A spec without one is itself.
+    Raises ConfigError for a reversed range or more than MAX_BRACE_NAMES names."""
+    match = next((m for m in BRACE.finditer(spec) if ".." in m.group(1) or "," in m.group(1)), None)
+    if match is None:
+        return [spec]
+    body = match.group(1)
+    bounds = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if bounds:
+        low, high = int(bounds.group(1)), int(bounds.group(2))
+        padded = any(b.startswith("0") and len(b) > 1 for b in bounds.groups())
+        width = max(len(b) for b in bounds.groups()) if padded else 0
+        if low > high or high - low >= MAX_BRACE_NAMES:
+            raise ConfigError(
+                f"INPUT {redact_uri(spec)}: the range {{{body}}} must go up, from START to END (at most "
+                f"{MAX_BRACE_NAMES} names), as in {{00000..01023}}."
+            )
+        options = [str(i).zfill(width) for i in range(low, high + 1)]
+    elif ".." in body and "," not in body:
+        raise ConfigError(
+            f"INPUT {redact_uri(spec)}: {{{body}}} is no range; a brace range is {{START..END}} of digits "
+            "({00000..01023}); {a,b} lists names."
+        )
+    else:
+        options = body.split(",")
+    names = [
+        name
+        for option in options
+        for name in expand_braces(spec[: match.start()] + option + spec[match.end() :])
+    ]
+    if len(names) > MAX_BRACE_NAMES:
+        raise ConfigError(f"INPUT {redact_uri(spec)} names {len(names)} files; at most {MAX_BRACE_NAMES}.")
+    return names
+
+
+def _list_expanded(fs: AbstractFileSystem, path: str, shown: str) -> dict[str, dict[str, Any]]:
+    """What a brace spec names, from one listing per folder (not a request per name): files as they are,
+    folders with everything under them. Raises ConfigError naming the names that do not exist."""
+    names = list(dict.fromkeys(expand_braces(path)))
+    by_parent: dict[str, list[str]] = {}
+    for name in names:
+        by_parent.setdefault(name.rstrip("/").rsplit("/", 1)[0], []).append(name.rstrip("/"))
+    candidates: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
+    for parent, wanted in by_parent.items():
+        try:
+            listed = {entry["name"].rstrip("/"): entry for entry in fs.ls(parent, detail=True)}
+        except FileNotFoundError:
+            listed = {}
+        for name in wanted:
+            entry = listed.get(name)
+            if entry is None:
+                missing.append(name)
+            elif entry.get("type") == "directory":
+                candidates.update(fs.find(name, detail=True))
+            else:
+                candidates[name] = entry
+    if missing:
+        raise ConfigError(
+            f"INPUT {shown}: {len(missing)} of the {len(names)} names its braces stand for do not exist: "
+            f"{', '.join(redact_uri(m) for m in missing[:3])}{', ...' if len(missing) > 3 else ''}. Fix the range, "
+            "or name only shards that exist."
+        )
+    return candidates
+
+
 def _hidden(path: str) -> bool:
     return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
 
@@ -191,7 +261,10 @@ def list_inputs(
         try:
             # An http(s) URL's query is no glob ('?'), and a URL that names a file is one: fsspec's isdir would
             # download it whole to look for links.
-            if GLOB_CHARS.search(url_path(path)):
+            if expand_braces(path) != [path]:
+                root = path[: path.index("{")].rsplit("/", 1)[0]
+                candidates = _list_expanded(fs, path, shown)
+            elif GLOB_CHARS.search(url_path(path)):
                 root = GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0]
                 listed = fs.glob(path, detail=True)
                 candidates = {p: i for p, i in listed.items() if i.get("type") == "file"}

@@ -137,3 +137,31 @@ def test_audit_tars_then_clean_them(ray_local, tmp_path, micro_model_dir, micro_
     marked = pq.read_table(tmp_path / "marked" / "00001.parquet").to_pylist()
     assert [r["__key__"] for r in marked] == [s["__key__"] for s in shards["00001.tar.gz"]]
     assert all(r[schema.MEMORIZATION_FLAG] == (r["__key__"] in flagged) for r in marked)
+
+
+def test_brace_range_of_shards_on_s3(s3_endpoint, tmp_path):
+    """`s3://bucket/laion/{00000..00002}.tar`: one listing of the folder, each named shard read from the bucket."""
+    import s3fs
+
+    from auditor.io.inputs import list_inputs
+    from auditor.io.readers import read_caption_batches
+    from auditor.io.storage import filesystem_for
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir("wds-bucket")
+    for i in range(4):
+        with wds.TarWriter(str(tmp_path / f"{i:05d}.tar")) as sink:
+            sink.write({"__key__": f"k{i}", "txt": f"caption {i}", "jpg": b"\xff\xd8"})
+        fs.put(str(tmp_path / f"{i:05d}.tar"), f"wds-bucket/laion/{i:05d}.tar")
+    options = {"endpoint_url": s3_endpoint}
+    files = list_inputs(("s3://wds-bucket/laion/{00000..00002}.tar",), None, options)
+    assert [(f.source, f.relative, f.format) for f in files] == [
+        (f"s3://wds-bucket/laion/{i:05d}.tar", f"{i:05d}.tar", "webdataset") for i in range(3)
+    ]
+    captions = [
+        c
+        for f in files
+        for t in read_caption_batches(filesystem_for(f.source, options)[0], f, "txt")
+        for c in t.column(schema.CAPTION).to_pylist()
+    ]
+    assert captions == ["caption 0", "caption 1", "caption 2"]

@@ -21,7 +21,7 @@ from auditor.config import AuditConfig
 from auditor.errors import ConfigError, InputDataError
 from auditor.io.filter_writers import writer_for
 from auditor.io.format_reader import Verdicts
-from auditor.io.inputs import list_inputs
+from auditor.io.inputs import expand_braces, list_inputs
 from auditor.io.readers import columns_of, read_caption_batches, read_record_batches, units_of
 from auditor.io.webdataset import split_member_name
 from auditor.pipeline.plan import check_columns
@@ -378,3 +378,36 @@ def test_cleaned_sidecar_loses_only_the_dropped_samples_rows(tmp_path):
     before = pq.read_table(tmp_path / "in" / "00000.parquet").to_pylist()
     after = pq.read_table(tmp_path / "00000.parquet").to_pylist()
     assert after == [r for r in before if r["key"] not in flagged]  # failed rows and the order kept
+
+
+# Brace ranges in INPUT (every format) ---------------------------------------------------------------------------
+def test_brace_ranges_and_lists_name_files_of_every_format(tmp_path):
+    for i in range(4):
+        write_shard(tmp_path / f"{i:05d}.tar", n=1)
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"caption": [name]}), tmp_path / f"{name}.parquet")
+    (tmp_path / "c.jsonl").write_text('{"caption": "c"}\n')
+
+    def names(*specs: str) -> list[str]:
+        return [f.relative for f in list_inputs(specs, None, {})]
+
+    assert names(f"{tmp_path}/{{00001..00003}}.tar") == ["00001.tar", "00002.tar", "00003.tar"]
+    # Relative paths are under the fixed part before the first brace; each file once, sorted.
+    assert names(f"{tmp_path}/{{a,b}}.parquet", f"{tmp_path}/{{c.jsonl,a.parquet}}") == [
+        "a.parquet",
+        "b.parquet",
+        "c.jsonl",
+    ]
+    assert expand_braces("s3://b/{00..02}/{x,y}.tar") == [
+        f"s3://b/{d}/{n}.tar" for d in ("00", "01", "02") for n in ("x", "y")
+    ]
+    assert expand_braces("s3://b/{8..10}.tar") == ["s3://b/8.tar", "s3://b/9.tar", "s3://b/10.tar"]
+    assert expand_braces("s3://b/{key}.tar") == ["s3://b/{key}.tar"]  # no range, no list: a name
+    with pytest.raises(
+        ConfigError, match=r"1 of the 2 names its braces stand for do not exist: .*/00004\.tar"
+    ):
+        names(f"{tmp_path}/{{00003..00004}}.tar")
+    with pytest.raises(ConfigError, match=r"the range \{00009..00003\} must go up"):
+        names(f"{tmp_path}/{{00009..00003}}.tar")
+    with pytest.raises(ConfigError, match=r"\{a..c\} is no range"):
+        names(f"{tmp_path}/{{a..c}}.tar")
