@@ -165,3 +165,38 @@ def test_brace_range_of_shards_on_s3(s3_endpoint, tmp_path):
         for c in t.column(schema.CAPTION).to_pylist()
     ]
     assert captions == ["caption 0", "caption 1", "caption 2"]
+
+
+def test_add_memorization_scores_on_read_webdataset(ray_local, tmp_path, micro_model_dir, micro_scorer):
+    """A user's own pipeline: ray.data.read_webdataset, captions in the txt column as str (default decoder) or
+    bytes (decoder=None)."""
+    import ray
+
+    from auditor.ray_data import MemorizationScorer, add_memorization_scores
+
+    texts = captions("a drawing of a", 6)
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
+        for i, text in enumerate(texts):
+            sink.write({"__key__": f"{i:04d}", "txt": text, "json": {"i": i}})
+    reference = dict(zip(texts, micro_scorer.score(texts).tolist(), strict=True))
+    for decoder in ("default", None):
+        options = {} if decoder == "default" else {"decoder": None}
+        ds = ray.data.read_webdataset(str(tmp_path / "00000.tar"), **options)
+        scored = add_memorization_scores(
+            ds, model=str(micro_model_dir), caption_column="txt", dtype="fp32", gpus_per_actor=0, batch_size=4
+        ).take_all()
+        assert len(scored) == 6
+        for row in scored:
+            text = row["txt"].decode() if isinstance(row["txt"], bytes) else row["txt"]
+            assert row[schema.MEMORIZATION_STATUS] == schema.OK
+            np.testing.assert_allclose(row[schema.MEMORIZATION_SCORE], reference[text], rtol=1e-5, atol=1e-6)
+    # Bytes that are not UTF-8 are a bad record, never an error; in every batch kind.
+    scorer = MemorizationScorer(model=str(micro_model_dir), caption_column="txt", dtype="fp32")
+    arrow = scorer(pa.table({"txt": pa.array([texts[0].encode(), b"\xff\xfe", None], pa.binary())}))
+    assert arrow.column(schema.MEMORIZATION_STATUS).to_pylist() == [
+        schema.OK,
+        schema.BAD_RECORD,
+        schema.NULL_CAPTION,
+    ]
+    mixed = scorer({"txt": np.array([texts[0], b"\xff", texts[1].encode()], dtype=object)})
+    assert list(mixed[schema.MEMORIZATION_STATUS]) == [schema.OK, schema.BAD_RECORD, schema.OK]
