@@ -27,6 +27,7 @@ from auditor.pipeline.stages import (
     stage_and_acknowledge,
 )
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table
+from tests.scores_close import assert_scores_close
 
 CAPTIONS = ["a photo of a cat", "mona lisa by leonardo", "a photo of a cat", " ".join(["word"] * 100)]
 
@@ -67,7 +68,7 @@ def test_score_actor_without_ray(tmp_path, tiny_model_dir, tiny_scorer, parquet_
     status = out.column(schema.STATUS).to_pylist()
     assert status == ["ok"] * 4 + [schema.NULL_CAPTION, schema.EMPTY_CAPTION]
     scores = out.column(schema.SCORE).to_pylist()
-    np.testing.assert_allclose(scores[:4], reference, rtol=1e-5)
+    assert_scores_close(scores[:4], reference)
     assert scores[4:] == [None, None]
     assert out.column(schema.FLAGGED).to_pylist() == [s is not None and s > threshold for s in scores]
     assert out.column(schema.N_TOKENS).to_pylist()[4:] == [None, None]
@@ -82,7 +83,7 @@ def test_score_actor_without_ray(tmp_path, tiny_model_dir, tiny_scorer, parquet_
     # Without the CPU stage's token columns the actor tokenizes itself.
     fresh = ScoreActor(cfg)
     again = fresh(data.drop_columns([schema.INPUT_IDS, schema.ATTENTION_MASK]))
-    np.testing.assert_allclose(again.column(schema.SCORE).to_pylist()[:4], reference, rtol=1e-5)
+    assert_scores_close(again.column(schema.SCORE).to_pylist()[:4], reference)
     # Captions seen in an earlier batch of the same actor are not scored again, and score the same.
     assert fresh.cache_hits == 0  # a repeat within one batch is deduplicated by the Scorer itself
     third = fresh(data)
