@@ -74,7 +74,6 @@ class AuditProgress:
         # an activity log) or they are ahead of it. Never goes down.
         self.rows_seen = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, new rows seen) within the rate window
-        self._recent_units: deque[float] = deque()  # times of the commits within the rate window
         self._per_node: dict[str, list[int]] = {}  # node -> [units, rows]
         self._summary: dict[str, Any] | None = None
         if logger.level == logging.NOTSET:
@@ -112,7 +111,6 @@ class AuditProgress:
             now = self._clock()
             self.units_committed += 1
             self.rows += rows
-            self._recent_units.append(now)
             self._see_rows(now, self.rows)
             if node is not None:
                 counts = self._per_node.setdefault(node, [0, 0])
@@ -212,24 +210,26 @@ class AuditProgress:
         return sum(rows for _, rows in self._recent) / window, window
 
     def eta_s(self, now: float | None = None) -> float | None:
-        """Seconds left: rows left / recent rows/s when total_rows is known, else units left x recent s/unit.
+        """Seconds left: rows left / recent rows/s, the rows left from total_rows when it is known, else from the
+        units left x the mean rows of a committed unit, less the rows already scored of units in flight.
 
-        None (unknown) when nothing moved in the window (a stalled run has no honest ETA), and, without total_rows,
-        until a unit has committed in the window (rows of a text file are not known before it is read).
+        None (unknown) when no row was scored in the window (a stalled run has no honest ETA), and, without
+        total_rows, until a unit has committed (a text file's rows are not known before it is read).
         """
         now = self._clock() if now is None else now
         rows_per_s, window = self.rate(now)
         units_left = max(self.total_units - self.units_committed - self.units_failed, 0)
         if units_left == 0:
             return 0.0
-        if window <= 0:
+        if window <= 0 or rows_per_s <= 0:
             return None
         # rows left from the total, unless the total was an underestimate (units remain with no rows left)
-        if self.total_rows is not None and self.total_rows > self.rows_seen and rows_per_s > 0:
+        if self.total_rows is not None and self.total_rows > self.rows_seen:
             return (self.total_rows - self.rows_seen) / rows_per_s
-        if not self._recent_units:
+        if not self.units_committed:
             return None
-        return units_left * window / len(self._recent_units)
+        expected_rows = self.rows + units_left * self.rows / self.units_committed
+        return max(expected_rows - self.rows_seen, 0.0) / rows_per_s
 
     def snapshot(self) -> dict[str, Any]:
         """{"units_committed", "units_failed", "units_remaining", "eta_s"} now, read under the lock (safe from the
@@ -277,8 +277,6 @@ class AuditProgress:
     def _drop_old(self, now: float) -> None:
         while self._recent and self._recent[0][0] <= now - RATE_WINDOW_S:
             self._recent.popleft()
-        while self._recent_units and self._recent_units[0] <= now - RATE_WINDOW_S:
-            self._recent_units.popleft()
 
 
 def _rate(rows: int, seconds: float) -> float:

@@ -74,7 +74,8 @@ def test_rate_counts_only_the_last_60_seconds():
     assert progress.rate() == (pytest.approx(6600 / 50), 50.0)
     clock.advance(20)  # t=70: only the t=30 commit is
     assert progress.rate() == (pytest.approx(600 / 60), 60.0)
-    assert progress.eta_s() == pytest.approx(38 * 60.0)  # 38 units left, 1 unit per 60 s
+    # 38 units left of 3300 rows each on average (6600 rows in 2 units), at 10 rows/s
+    assert progress.eta_s() == pytest.approx(38 * 3300 / 10)
     clock.advance(40)  # t=110: nothing in the last 60 s
     assert progress.rate() == (0.0, 60.0)
     assert progress.rows == 6600  # the totals are not windowed
@@ -121,6 +122,18 @@ def test_rows_based_eta_follows_the_rows_scored():
     clock.advance(20)
     progress.rows_scored(2_000)  # 100 rows/s over 20 s, 8000 left
     assert progress.eta_s() == pytest.approx(80.0)
+
+
+def test_eta_counts_the_rows_already_scored_of_units_in_flight():
+    """Issue 36: rows scored inside units not yet committed shorten the ETA as they are scored."""
+    clock = FakeClock()
+    progress = make(clock, total_units=4)
+    clock.advance(10)
+    progress.unit_committed(1000)  # 3 units of ~1000 rows left, 100 rows/s
+    assert progress.eta_s() == pytest.approx(30.0)
+    clock.advance(5)
+    progress.rows_scored(1500)  # half of the next unit scored: 2500 rows left at 1500/15 rows/s
+    assert progress.eta_s() == pytest.approx(25.0)
 
 
 def test_a_stopped_run_keeps_the_rows_it_scored_apart_from_those_committed():
