@@ -141,7 +141,7 @@ def print_table(results: dict[str, list[dict]], gpu_rate: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--samples", type=int, default=1000, help="samples per shard")
     parser.add_argument("--image-kb", type=int, default=40)

@@ -40,8 +40,11 @@ class FormatReader:
     fixed_caption: ClassVar[str | None] = None
     header_columns: ClassVar[bool] = False
 
-    def columns(self, fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str]:
-        """The column names a plan checks the options against (wanted: stop reading once all are seen)."""
+    def columns(
+        self, fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()
+    ) -> list[str] | None:
+        """The column names a plan checks the options against (wanted: stop reading once all are seen). None: a
+        file with no records, which lacks no column and audits as 0 rows."""
         return peek_columns(fs, file, wanted)
 
     def missing_error(self, file: InputFile, missing: list[str], present: list[str]) -> str:

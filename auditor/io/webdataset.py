@@ -248,8 +248,11 @@ class WebDatasetReader(FormatReader):
 
     name = "webdataset"
 
-    def columns(self, fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str]:
-        """Column names of the first KEY_CHECK_SAMPLES samples (fewer once every wanted name is seen)."""
+    def columns(
+        self, fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()
+    ) -> list[str] | None:
+        """Column names of the first KEY_CHECK_SAMPLES samples (fewer once every wanted name is seen); None for a
+        shard without samples (it lacks no column: 0 rows, not a shard without the caption field)."""
         names: dict[str, None] = {}
         try:
             with open_input(fs, file) as fh:
@@ -260,8 +263,7 @@ class WebDatasetReader(FormatReader):
                         break
         except TAR_ERRORS as exc:
             raise InputDataError(tar_error(file, exc)) from exc
-        # A shard without samples lacks no column: it is 0 rows, not a file without the caption field.
-        return list(names) if names else list(wanted)
+        return list(names) if names else None
 
     def missing_error(self, file: InputFile, missing: list[str], present: list[str]) -> str:
         return missing_fields_error(file, missing, present)
