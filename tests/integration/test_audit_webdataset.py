@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -200,3 +201,70 @@ def test_add_memorization_scores_on_read_webdataset(ray_local, tmp_path, micro_m
     ]
     mixed = scorer({"txt": np.array([texts[0], b"\xff", texts[1].encode()], dtype=object)})
     assert list(mixed[schema.MEMORIZATION_STATUS]) == [schema.OK, schema.BAD_RECORD, schema.OK]
+
+
+def img2dataset_command() -> list[str] | None:
+    """img2dataset's command: IMG2DATASET (an executable, e.g. in a venv of its own), else one on PATH."""
+    found = os.environ.get("IMG2DATASET") or shutil.which("img2dataset")
+    return [found] if found else None
+
+
+@pytest.mark.skipif(
+    img2dataset_command() is None,
+    reason="img2dataset is not installed: its pins would downgrade webdataset and add pandas/opencv/wandb to the "
+    "project's venv, so install it in a venv of its own (pip install img2dataset==1.47.0) and set "
+    "IMG2DATASET=<that venv>/bin/img2dataset",
+)
+def test_img2dataset_shards_read_from_tars_and_sidecars_alike(tmp_path):
+    """Shards written by img2dataset itself, downloading from a local http.server (3 URLs fail): the tars and the
+    sidecars give the same ids and captions, the failed downloads and the _stats.json files count nowhere."""
+    import functools
+    import subprocess
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image
+
+    from auditor.io.inputs import list_inputs
+    from auditor.io.readers import read_caption_batches
+    from auditor.io.storage import filesystem_for
+
+    (tmp_path / "www").mkdir()
+    for i in range(10):
+        Image.new("RGB", (32, 32), (i * 20, 100, 200)).save(tmp_path / "www" / f"{i}.jpg")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = [f"{base}/{i}.jpg" for i in range(10)] + [f"{base}/missing-{i}.jpg" for i in range(3)]
+        texts = captions("a photo of a", 13)
+        pq.write_table(pa.table({"url": urls, "caption": texts}), tmp_path / "urls.parquet")
+        subprocess.run(
+            [*img2dataset_command(), "--url_list", str(tmp_path / "urls.parquet"), "--input_format", "parquet",
+             "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
+             "--output_folder", str(tmp_path / "shards"), "--processes_count", "1", "--thread_count", "4",
+             "--resize_mode", "no", "--number_sample_per_shard", "5", "--enable_wandb", "False"],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert sorted(
+        p.name for p in (tmp_path / "shards").glob("*_stats.json")
+    )  # img2dataset's layout, stats included
+    read = {}
+    for sidecars in (False, True):
+        files = list_inputs((str(tmp_path / "shards"),), None, {}, read_sidecars=sidecars)
+        assert {f.format for f in files} == {"webdataset_sidecar" if sidecars else "webdataset"}
+        read[sidecars] = sorted(
+            (i, c)
+            for f in files
+            for t in read_caption_batches(
+                filesystem_for(f.source)[0], f, "caption", keep_columns=("json:url",)
+            )
+            for i, c in zip(
+                t.column(schema.ID).to_pylist(), t.column(schema.CAPTION).to_pylist(), strict=True
+            )
+        )
+    assert read[False] == read[True]
+    assert sorted(c for _, c in read[False]) == sorted(texts[:10])  # the 3 failed downloads count nowhere
