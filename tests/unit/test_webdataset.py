@@ -3,6 +3,7 @@ samples, fields, json keys, statuses and broken shards. No Ray."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -410,3 +411,22 @@ def test_brace_ranges_and_lists_name_files_of_every_format(tmp_path):
         names(f"{tmp_path}/{{00009..00003}}.tar")
     with pytest.raises(ConfigError, match=r"\{a..c\} is no range"):
         names(f"{tmp_path}/{{a..c}}.tar")
+
+
+def test_brace_lists_past_the_limit_and_unknown_formats_are_refused(tmp_path, monkeypatch):
+    import auditor.io.inputs as inputs
+    from auditor.io.readers import reader_for
+
+    monkeypatch.setattr(inputs, "MAX_BRACE_NAMES", 10)
+    with pytest.raises(
+        ConfigError, match=r"the range \{0..10\} must go up, from START to END \(at most 10 names"
+    ):
+        expand_braces("s3://b/{0..10}.tar")
+    with pytest.raises(ConfigError, match=r"names 12 files; at most 10"):
+        expand_braces("s3://b/{0..3}/{a,b,c}.tar")
+    write_shard(tmp_path / "s.tar", n=1)
+    [file] = list_inputs((str(tmp_path / "s.tar"),), None, {})
+    with pytest.raises(InputDataError, match=r"row groups exist only in parquet, not in webdataset"):
+        list(read_caption_batches(LOCAL, file, "txt", row_groups=(0,)))
+    with pytest.raises(InputDataError, match=r"s\.tar: unknown format 'xls'"):
+        reader_for(dataclasses.replace(file, format="xls"))
