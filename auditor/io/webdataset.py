@@ -477,7 +477,8 @@ def sample_id(file: InputFile, sample: Sample, id_column: str | None) -> str:
     synthetic = f"{file.source}:{sample.name}"
     if not id_column:
         return synthetic
-    value = sample_table(file, [sample], [id_column]).column(id_column)[0].as_py()
+    # The id column after another, as the audit read it: a json: id that is no string is its JSON text there.
+    value = sample_table(file, [sample], [KEY_FIELD, id_column]).column(id_column)[0].as_py()
     return synthetic if value is None else value
 
 

@@ -430,3 +430,24 @@ def test_brace_lists_past_the_limit_and_unknown_formats_are_refused(tmp_path, mo
         list(read_caption_batches(LOCAL, file, "txt", row_groups=(0,)))
     with pytest.raises(InputDataError, match=r"s\.tar: unknown format 'xls'"):
         reader_for(dataclasses.replace(file, format="xls"))
+
+
+def test_cleaning_joins_on_a_json_id_column_as_the_audit_read_it(tmp_path):
+    path = tmp_path / "s.tar"
+    samples = write_shard(path, n=4)
+    [file] = list_inputs((str(path),), None, {})
+    # json:width is an int in the .json member: the audit's id is its JSON text, and so is the filter's.
+    ids = pa.concat_tables(read_caption_batches(LOCAL, file, "txt", id_column="json:width")).column(schema.ID)
+    assert ids.to_pylist() == ["0", "1", "2", "3"]
+    verdicts = Verdicts(
+        pa.table(
+            {schema.ID: ids, schema.FLAGGED: [False, True, False, False], schema.SCORE: [0.0, 1.0, 0.0, 0.0]}
+        ),
+        True,
+    )
+    summary = dict.fromkeys(("rows", "flagged", "written", "unaudited"), 0)
+    with open(tmp_path / "out.tar", "wb") as handle:
+        writer_for(file).write(LOCAL, file, handle, verdicts, "drop", "json:width", summary)
+    assert summary == {"rows": 4, "flagged": 1, "written": 3, "unaudited": 0}
+    kept = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "out.tar"), shardshuffle=False)]
+    assert kept == [samples[i]["__key__"] for i in (0, 2, 3)]
