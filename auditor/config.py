@@ -563,9 +563,11 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "--stall-timeout-s",
         type=float,
         default=argparse.SUPPRESS,
-        help=f"fail (exit code 3, committed units kept) when no work unit has made progress for this many seconds "
-        f"(default {d('stall_timeout_s'):g}): a cluster that lost a node can wait forever for work it cannot "
-        "schedule. Rerun the same command to resume",
+        help=f"fail (exit code 3, committed units kept) when nothing in the pipeline has moved for this many "
+        f"seconds (default {d('stall_timeout_s'):g}): no read, no score batch finished, no write or commit. A slow "
+        "run whose actors keep finishing batches is never stopped; a cluster that lost a node can wait forever "
+        "for work it cannot schedule. Counted from the start, so keep it above the model's load time. Rerun the "
+        "same command to resume",
     )
     run.add_argument(
         "--lease-heartbeat-s",

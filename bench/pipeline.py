@@ -226,9 +226,10 @@ WORKER_ROLES = {
     "ScoreActor": "score actor",
     "stage_and_acknowledge": "write stage",
     "commit_staged_unit": "commit task",
+    "ActivityLog": "activity log",
 }
 # What a write/commit worker imports (the modules Ray loads to run stage_and_acknowledge / commit_staged_unit).
-WORKER_IMPORTS = "import auditor.pipeline.stages, auditor.pipeline.commit, auditor.pipeline.audit"
+WORKER_IMPORTS = "import auditor.pipeline.stages, auditor.pipeline.commit, auditor.pipeline.committer, auditor.pipeline.audit"
 
 
 def has_torch(pid: int) -> bool:

@@ -22,7 +22,7 @@ A rerun skips committed units (same file content, model and options), redoes par
 new files and files changed since (size + ETag/mtime): their old output is replaced. --force redoes all.
 Without --threshold / --threshold-file nothing is flagged; the last lines say so and how to calibrate one.
 Exit codes: 0 all inputs audited; 1 some units failed (listed in _audit.json); 2 configuration error;
-3 the run stopped early (SIGTERM, or no progress for --stall-timeout-s): rerun the same command to resume.
+3 the run stopped early (SIGTERM, or nothing moved for --stall-timeout-s): rerun the same command to resume.
 """
 
 EPILOG = """\

@@ -61,7 +61,7 @@ def read_caption_file(path: str, caption_column: str = "caption", option: str = 
     source = str(file.resolve())
     captions_file = InputFile(source, source, fmt, file.name, shard="", compression=codec)
     columns = peek_columns(fs, captions_file)
-    if fmt != "txt" and caption_column not in columns:
+    if fmt != "txt" and columns is not None and caption_column not in columns:
         raise InputDataError(
             f"--caption-column {caption_column!r} not found in {path}; columns are: "
             f"{', '.join(columns)}. Pass --caption-column NAME."

@@ -225,11 +225,12 @@ def list_inputs(
     return [found[s] for s in sorted(found)]
 
 
-def peek_columns(fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str]:
+def peek_columns(fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str] | None:
     """Column names of one file: its parquet footer, its csv/tsv header (a UTF-8 byte order mark dropped), or the
     keys of its first KEY_CHECK_RECORDS jsonl records in order of appearance (wanted: stop reading records once
-    all of these keys are seen). Raises InputDataError if unreadable (for jsonl: its first record is not a JSON
-    object; later bad lines are left to the reader, as bad rows).
+    all of these keys are seen). None: a csv/tsv/jsonl file with no header and no record (0 bytes, or blank
+    lines only), which lacks no column and audits as 0 rows. Raises InputDataError if unreadable (for jsonl: its
+    first record is not a JSON object; later bad lines are left to the reader, as bad rows).
     """
     try:
         if file.format == "parquet":
@@ -245,7 +246,7 @@ def peek_columns(fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] 
                 if line:
                     delimiter = "\t" if file.format == "tsv" else ","
                     return next(csv.reader(io.StringIO(line), delimiter=delimiter))
-        return []
+        return None
     except InputDataError as exc:
         raise InputDataError(f"{file.source}: {exc}") from exc
     except Exception as exc:  # fsspec and aiohttp errors name the URL they failed on, credentials included
@@ -256,9 +257,10 @@ def peek_columns(fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] 
         ) from exc
 
 
-def jsonl_keys(lines: IO[bytes], wanted: Sequence[str] = ()) -> list[str]:
+def jsonl_keys(lines: IO[bytes], wanted: Sequence[str] = ()) -> list[str] | None:
     """Keys of the JSON objects among the first KEY_CHECK_RECORDS non-blank lines, in order of appearance; fewer
-    lines once every wanted key is seen (a plan then reads one record per file, as csv reads one header line)."""
+    lines once every wanted key is seen (a plan then reads one record per file, as csv reads one header line).
+    None when there is no non-blank line: no record, so no key is missing."""
     keys: dict[str, None] = {}
     records = 0
     for number, raw in enumerate(lines):
@@ -281,7 +283,7 @@ def jsonl_keys(lines: IO[bytes], wanted: Sequence[str] = ()) -> list[str]:
         records += 1
         if records == KEY_CHECK_RECORDS or (wanted and all(name in keys for name in wanted)):
             break
-    return list(keys)
+    return list(keys) if records else None
 
 
 def missing_columns_error(file: InputFile, missing: list[str], present: list[str]) -> str:

@@ -86,7 +86,12 @@ def _csv_batches(fs: AbstractFileSystem, file: InputFile, columns: list[str] | N
     delimiter = "\t" if file.format == "tsv" else ","
     parse = pacsv.ParseOptions(delimiter=delimiter)
     with open_input(fs, file) as fh:
-        names = pacsv.open_csv(fh, parse_options=parse).schema.names
+        try:
+            names = pacsv.open_csv(fh, parse_options=parse).schema.names
+        except pa.ArrowInvalid:
+            if _has_text(fs, file):
+                raise
+            return  # no header and no row (0 bytes, or blank lines only): 0 rows, as an empty jsonl
     # CSV has no types: every column stays a string, so no block can disagree with the first one.
     convert = pacsv.ConvertOptions(
         column_types={n: pa.string() for n in names},
@@ -97,6 +102,17 @@ def _csv_batches(fs: AbstractFileSystem, file: InputFile, columns: list[str] | N
         reader = pacsv.open_csv(fh, parse_options=parse, convert_options=convert)
         for batch in reader:
             yield pa.Table.from_batches([batch])
+
+
+def _has_text(fs: AbstractFileSystem, file: InputFile) -> bool:
+    """Whether the (decompressed) file holds anything but whitespace and a UTF-8 byte order mark."""
+    with open_input(fs, file) as fh:
+        first = True
+        while chunk := fh.read(1 << 16):
+            if (chunk.removeprefix(UTF8_BOM) if first else chunk).strip():
+                return True
+            first = False
+    return False
 
 
 def _jsonl_records(

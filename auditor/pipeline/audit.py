@@ -12,49 +12,43 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
-import platform
-import signal
-import sys
 import threading
 import time
 import uuid
 import warnings
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from auditor import __version__, schema
+from auditor import schema
 from auditor.config import AuditConfig
 from auditor.errors import AuditIncomplete, ConfigError
-from auditor.histogram import EDGES, merge_counts
 from auditor.io.lease import LeaseHeld, OutputLease
-from auditor.io.ledger import DONE, FAILED, Ledger
-from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, commit_unit, shard_dir
+from auditor.io.ledger import FAILED, Ledger
+from auditor.io.parquet import FLAGGED_DIR, SCORES_DIR, STAGING_DIR, shard_dir
 from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, remove_tree, write_json
 from auditor.pipeline import ray_compat
-from auditor.pipeline.commit import (
-    UnitState,
-    UnitTracker,
-    dense_histogram,
-    merge_lengths,
-    unit_record,
-    utc_now,
-)
+from auditor.pipeline.commit import UnitTracker, utc_now
+from auditor.pipeline.committer import UnitCommitter, error_text
 from auditor.pipeline.metrics import DriverMetrics
+from auditor.pipeline.monitor import (
+    STALL_SIGNAL,
+    AuditInterrupted,
+    DriverMonitor,
+    activity_reader,
+    interruptible,
+    start_activity_log,
+    stop_reason,
+)
 from auditor.pipeline.plan import AuditPlan, WorkItem, committed_units, plan_audit, record_matches
 from auditor.pipeline.progress import AuditProgress
 from auditor.pipeline.ray_auth import check_token, is_auth_refusal, refusal_message, secure_local_ray
-from auditor.pipeline.stage_summary import stages_summary
 from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, stage_and_acknowledge
-from auditor.redact import redact_text, redact_uri, redact_value
-from auditor.scoring.cascade import Stage
+from auditor.pipeline.summary import AuditResult, summarize
+from auditor.redact import redact_text, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -66,29 +60,10 @@ WRITE_TASKS = 4
 DEFAULT_BLOCK_BYTES = 128 * 2**20  # Ray Data's own default target_max_block_size
 # A tokenized row in flight: 77 input ids + 77 mask values as int64, plus the caption and ids (~1.4 KB measured).
 TOKENIZED_ROW_BYTES = 1400
-MONITOR_PERIOD_S = 1.0
-STALL_SIGNAL = signal.SIGUSR1
-COMMIT_RETRIES = 2  # attempts after the first when a commit task's worker or node dies
+
 COMMIT_GRACE_S = 60.0  # after an interruption, how long the driver waits for commit tasks already running
 # Environment every Ray worker of a local run gets (workers inherit the driver's; these keep logs quiet).
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@dataclass
-class AuditResult:
-    output: str
-    files_done: int  # files with a unit committed by this run
-    files_skipped: int
-    failed: dict[str, str]  # source -> error of a failed unit of it, as the output stands now
-    counts: dict[str, int]  # this run, by status, plus "flagged" and "rows"
-    units_done: int = 0
-    failed_units: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)  # what _audit.json holds
-
-    @property
-    def exit_code(self) -> int:
-        """0: every input audited; 1: some units failed (see failed / _audit.json)."""
-        return 1 if self.failed else 0
 
 
 # 1. Ray --------------------------------------------------------------------------------------------------------
@@ -185,9 +160,15 @@ def block_bytes_for(unit_rows: int) -> int:
 
 
 def build_dataset(
-    cfg: AuditConfig, items: list[WorkItem], resources: dict[str, float], model_fingerprint: str | None = None
+    cfg: AuditConfig,
+    items: list[WorkItem],
+    resources: dict[str, float],
+    model_fingerprint: str | None = None,
+    activity: Any = None,
 ) -> ray.data.Dataset:
-    """model_fingerprint: the plan's, for the score actors' metrics tags (None: each actor hashes the model)."""
+    """model_fingerprint: the plan's, for the score actors' metrics tags (None: each actor hashes the model).
+    activity: the run's ActivityLog (auditor.pipeline.monitor), which readers and score actors tell of each table
+    and batch they finish (None: they report nothing)."""
     ray.data.DataContext.get_current().target_max_block_size = block_bytes_for(cfg.unit_rows)
     rows = [{**dataclasses.asdict(item.file), DONE_UNITS: sorted(item.done_units)} for item in items]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -198,13 +179,13 @@ def build_dataset(
         read_and_tokenize,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"cfg": cfg},
+        fn_kwargs={"cfg": cfg, "activity": activity},
         num_cpus=1,
         memory=CPU_STAGE_MEMORY_BYTES,
     )
     ds = ds.map_batches(
         ScoreActor,
-        fn_constructor_kwargs={"cfg": cfg, "model_fingerprint": model_fingerprint},
+        fn_constructor_kwargs={"cfg": cfg, "model_fingerprint": model_fingerprint, "activity": activity},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         **ray_compat.actor_pool(cfg.actors),
@@ -225,102 +206,6 @@ def build_dataset(
 
 
 # 3. Commit -----------------------------------------------------------------------------------------------------
-def commit_staged_unit(
-    output: str, storage_options: dict[str, Any], shard: str, unit: int, staged: list[str], explain: bool
-) -> dict[str, Any]:
-    """Runs as a Ray task next to the data: merge one unit's staged files into its part files."""
-    started = time.process_time()
-    fs, output_path = filesystem_for(output, storage_options)
-    parts = commit_unit(fs, output_path, shard, unit, staged, schema.flagged_schema(explain))
-    return {**parts, "cpu_s": time.process_time() - started}
-
-
-def error_text(exc: BaseException) -> str:
-    """`<type>: <message>` of what went wrong; for a Ray task error, of its cause inside the task (whose traceback
-    stays in the worker's log), so the ledger, _audit.json and the CLI get one clear line, not a traceback.
-    Redacted: fsspec and aiohttp errors quote the URL a file was opened by, credentials included."""
-    while isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
-        exc = exc.cause
-    return redact_text(f"{type(exc).__name__}: {exc}")
-
-
-class UnitCommitter:
-    """Turns ready units into ledger records: a commit task per complete unit, a failed record per broken one.
-
-    The ledger record is written only after the commit task has moved the unit's parts into place.
-    """
-
-    def __init__(
-        self,
-        cfg: AuditConfig,
-        plan: AuditPlan,
-        ledger: Ledger,
-        progress: AuditProgress,
-        lease: OutputLease | None = None,
-    ):
-        self.cfg = cfg
-        self.lease = lease
-        self.progress = progress
-        self.plan = plan
-        self.ledger = ledger
-        self.identities = {item.file.source: item.file.identity for item in plan.pending}
-        self.in_flight: dict[ray.ObjectRef, UnitState] = {}
-        self.committed: list[dict[str, Any]] = []
-        self.failed: list[dict[str, Any]] = []
-        # A commit whose worker or node died is retried (a node lost mid-run would otherwise fail the units it was
-        # committing); an error the commit raises is not: its unit fails and the next run redoes it. A retry
-        # rewrites the same part names, so it replaces what the dead attempt may have moved into place.
-        self.remote = ray.remote(num_cpus=0, max_retries=COMMIT_RETRIES)(commit_staged_unit)
-        self.commit_cpu_s = 0.0  # CPU time of the commit tasks (for sizing: bench/pipeline.py sizing)
-
-    def submit(self, ready: list[UnitState]) -> None:
-        for state in ready:
-            if state.error is not None:
-                self._record(state, FAILED, None)
-                continue
-            ref = self.remote.remote(
-                self.cfg.output, self.cfg.storage_options, state.shard, state.unit, state.staged,
-                self.cfg.explain_flagged,
-            )  # fmt: skip
-            self.in_flight[ref] = state
-
-    def poll(self, wait: bool = False, timeout_s: float | None = None) -> None:
-        """Record the commit tasks that have finished (when wait, all of them, or those done within timeout_s;
-        a commit never recorded leaves its unit to the next run, which rewrites the same part files)."""
-        if not self.in_flight:
-            return
-        refs = list(self.in_flight)
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s if wait else 0)
-        for ref in done:
-            state = self.in_flight.pop(ref)
-            try:
-                parts = ray.get(ref)
-            except Exception as exc:  # the unit is redone by the next run; the others go on
-                state.error = f"commit failed: {error_text(exc)}"
-                self._record(state, FAILED, None)
-            else:
-                self.commit_cpu_s += parts.pop("cpu_s", 0.0)
-                self._record(state, DONE, parts)
-
-    def _record(self, state: UnitState, status: str, parts: dict[str, Any] | None) -> None:
-        if self.lease is not None and self.lease.lost is not None:
-            return  # another run owns OUTPUT now: it redoes this unit; a record from here could outlive its parts
-        record = unit_record(
-            state, self.identities[state.source], self.plan.fingerprint, self.cfg.unit_rows, status, parts
-        )
-        record = self.ledger.mark(record)
-        if status == DONE:
-            self.committed.append(record)
-            self.progress.unit_committed(state.received, state.main_node)
-            logger.debug("committed %s unit %d: %d rows", state.source, state.unit, state.received)
-        else:
-            self.failed.append(record)
-            self.progress.unit_failed()
-            logger.warning(
-                "input %s unit %d failed: %s", state.source, state.unit, redact_text(state.error or "")
-            )
-
-
 # 4. Run --------------------------------------------------------------------------------------------------------
 def check_output_writable(fs: Any, output_path: str, output: str) -> None:
     """Write and delete a small object under OUTPUT, so an output that refuses writes fails before Ray starts
@@ -371,79 +256,6 @@ def existing_shards(fs: Any, root: str) -> set[str]:
     return {n[len(prefix) :] for n in names if n.startswith(prefix)}
 
 
-class AuditInterrupted(BaseException):
-    """Raised in the driver's main thread by a signal handler: SIGTERM (`ray job stop`) or the stall watchdog."""
-
-
-class DriverMonitor:
-    """A thread beside the driver loop: ticks the progress line, and interrupts the loop (SIGUSR1 to this
-    process, which the loop's handler turns into AuditInterrupted) when no acknowledgement has arrived for
-    stall_timeout_s: a cluster that lost a node can wait forever for work it cannot schedule, without a word.
-    With metrics, it also exports the progress (units, ETA) to Prometheus at each tick.
-    """
-
-    def __init__(
-        self,
-        tracker: UnitTracker,
-        progress: AuditProgress,
-        stall_timeout_s: float,
-        metrics: DriverMetrics | None = None,
-    ):
-        self.tracker = tracker
-        self.progress = progress
-        self.metrics = metrics
-        self.stall_timeout_s = stall_timeout_s
-        self.stalled_s: float | None = None
-        self.cluster = ""  # cluster_state() when the stall was detected
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="audit-monitor", daemon=True)
-
-    def __enter__(self) -> DriverMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(MONITOR_PERIOD_S):
-            self.progress.tick()
-            if self.metrics is not None:
-                self.metrics.update(self.progress.snapshot())
-            idle = time.monotonic() - self.tracker.last_ack
-            if idle > self.stall_timeout_s:
-                self.stalled_s = idle
-                self.cluster = cluster_state()  # now, while the stalled work still holds its resources
-                os.kill(os.getpid(), STALL_SIGNAL)
-                return
-
-
-@contextlib.contextmanager
-def interruptible(armed: threading.Event | None = None) -> Iterator[None]:
-    """SIGTERM and the watchdog's signal raise AuditInterrupted in the driver loop (main thread only; elsewhere,
-    e.g. a notebook's worker thread, the default handlers stay). `armed` is set while the handlers are in place,
-    so that another thread knows it may send STALL_SIGNAL (whose default action would end the process)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, _frame: Any) -> None:
-        raise AuditInterrupted(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, STALL_SIGNAL)}
-    was_armed = armed is not None and armed.is_set()
-    if armed is not None:
-        armed.set()
-    try:
-        yield
-    finally:
-        if armed is not None and not was_armed:
-            armed.clear()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def expected_units(plan: AuditPlan, tracker: UnitTracker) -> int:
     """Units this run will process, as far as known: a file's unit count comes from the ledger or from its first
     END_OF_UNIT; a parquet file not yet opened counts as one unit until then."""
@@ -455,34 +267,6 @@ def expected_units(plan: AuditPlan, tracker: UnitTracker) -> int:
             _, known = committed_units(plan.records.get(source, []))
         total += max((known or 1) - len(item.done_units), 0)
     return total
-
-
-def stop_reason(error: BaseException, monitor: DriverMonitor | None, cfg: AuditConfig) -> str:
-    if monitor is not None and monitor.stalled_s is not None:
-        return (
-            f"no work unit made progress for {monitor.stalled_s:.0f} s (--stall-timeout-s {cfg.stall_timeout_s:g}); "
-            f"the cluster cannot run the pending work (a lost node, or actors holding every CPU the readers need). "
-            f"{monitor.cluster}"
-        )
-    if isinstance(error, AuditInterrupted) and str(error) == "SIGTERM":
-        return "stopped by SIGTERM (ray job stop, or the operator)."
-    text = error_text(error)
-    return text if text.endswith(".") else f"{text}."
-
-
-def cluster_state() -> str:
-    try:
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        return (
-            f"Ray has {len(alive)} alive node(s) with {cpus_and_gpus(ray.cluster_resources())} in all; "
-            f"free when the run stalled: {cpus_and_gpus(ray.available_resources())}."
-        )
-    except Exception as exc:  # the state of a broken cluster may itself be unreadable
-        return f"(cluster state unavailable: {type(exc).__name__})"
-
-
-def cpus_and_gpus(resources: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU")) or "none"
 
 
 def take_lease(fs: Any, output_path: str, cfg: AuditConfig) -> OutputLease:
@@ -569,14 +353,20 @@ def run_holding_lease(
             expected_units(plan, tracker), interval_s=cfg.progress_interval, quiet=cfg.quiet
         )
         committer = UnitCommitter(cfg, plan, ledger, progress, lease)
-        ds = build_dataset(cfg, plan.pending, resources, plan.model_fingerprint)
+        activity = start_activity_log()
+        ds = build_dataset(cfg, plan.pending, resources, plan.model_fingerprint, activity)
         metrics = DriverMetrics(plan.model_fingerprint)
         tracker.last_ack = time.monotonic()
+        monitor = DriverMonitor(
+            tracker,
+            progress,
+            cfg.stall_timeout_s,
+            metrics,
+            activity_reader(activity),
+            lambda: committer.last_finished,
+        )
         try:
-            with (
-                interruptible(armed),
-                DriverMonitor(tracker, progress, cfg.stall_timeout_s, metrics) as monitor,
-            ):
+            with interruptible(armed), monitor:
                 for acks in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     lease.check()
                     committer.submit(tracker.consume(acks))
@@ -592,8 +382,11 @@ def run_holding_lease(
                 committer.poll(wait=True, timeout_s=None if error is None else COMMIT_GRACE_S)
             except Exception as exc:
                 error = error or exc
+            monitor.read_activity()  # the rows scored since the last tick, before the totals are taken
             throughput = progress.close()
             metrics.update(progress.snapshot())
+            with contextlib.suppress(Exception):  # a log already gone with a broken cluster
+                ray.kill(activity)
         # Another run owns OUTPUT now: leave its staging, ledger and _audit.json alone.
         lease.check()
         if error is None:
@@ -664,131 +457,3 @@ def write_audit_report(cfg: AuditConfig) -> None:
         )  # fmt: skip
         return
     logger.info("report: %s (%.1f s)", redact_uri(str(path)), time.perf_counter() - step)
-
-
-# Read from the installed packages' metadata, not by importing them: importing torch, diffusers and transformers
-# cost the driver about 10 CPU-seconds per run (2-core AVX2 EPYC), for three version strings.
-VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow")
-
-
-def versions() -> dict[str, str]:
-    found = {"auditor": __version__, "python": platform.python_version()}
-    for package in VERSIONED_PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
-
-
-def summarize(
-    cfg: AuditConfig,
-    plan: AuditPlan,
-    committer: UnitCommitter | None,
-    tracker: UnitTracker,
-    records: list[dict[str, Any]],
-    timings: dict[str, float],
-    ray_stats: str,
-    started_at: str,
-    runtime: dict[str, Any],
-) -> AuditResult:
-    committed = committer.committed if committer else []
-    failed_now = committer.failed if committer else []
-    run_counts: Counter = Counter()
-    for record in committed:
-        run_counts.update(record["counts"])
-        run_counts["rows"] += record["rows"]
-    # records: what the output holds for this run's inputs, each matching this run (compact kept only those).
-    done_records = [r for r in records if r["status"] == DONE]
-    total: Counter = Counter()
-    for record in done_records:
-        total.update(record["counts"])
-        total["rows"] += record["rows"]
-    histogram = merge_counts(dense_histogram(r.get("histogram")) for r in done_records)
-    by_source: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        by_source.setdefault(record["source"], []).append(record)
-    complete_files = 0
-    for file_records in by_source.values():
-        done, file_units = committed_units(file_records)
-        complete_files += file_units is not None and done == frozenset(range(file_units))
-    failed_units = sorted(
-        (
-            {"source": r["source"], "unit": r["unit"], "error": r["error"]}
-            for r in records
-            if r["status"] == FAILED
-        ),
-        key=lambda f: (f["source"], f["unit"]),
-    )
-    failed_sources = {f["source"]: f["error"] for f in failed_units}
-    unfinished = [
-        {"source": s.source, "unit": s.unit, "rows_staged": s.received} for s in tracker.unfinished()
-    ]
-    files_done = len({r["source"] for r in committed})
-    summary = {
-        "auditor_version": __version__,
-        "started_at": started_at,
-        "finished_at": utc_now(),
-        "config": cfg.to_json(),
-        "model_fingerprint": plan.model_fingerprint,
-        "model_family": plan.model_family,
-        "model_variant": plan.model_variant,
-        **(
-            {"model_fingerprint_earlier": plan.earlier_model_fingerprint}
-            if plan.earlier_model_fingerprint and plan.earlier_model_fingerprint != plan.model_fingerprint
-            else {}
-        ),
-        "run_fingerprint": plan.fingerprint,
-        "threshold": plan.threshold.value,
-        "threshold_origin": plan.threshold.origin,
-        "screen_threshold": plan.threshold.cascade.screen_threshold if plan.threshold.cascade else None,
-        "stages": stages_summary(Stage(cfg.generations, cfg.steps), plan.threshold, done_records),
-        "partitioning": {"style": "hive", "column": schema.SHARD, "meaning": "one value per input file"},
-        "layout": {
-            "scores": f"{SCORES_DIR}/{schema.SHARD}=<file-key>/part-u<unit>.parquet: every row of one work unit",
-            "flagged": f"{FLAGGED_DIR}/{schema.SHARD}=<file-key>/part-u<unit>.parquet: its flagged rows",
-            "work_unit": f"whole parquet row groups, at most {cfg.unit_rows} rows; a text file is one unit",
-            "ledger": "_ledger/: one record per committed or failed unit (file identity, fingerprint, counts)",
-        },
-        "files": {
-            "inputs": len(plan.files),
-            "audited_this_run": files_done,
-            "skipped_complete": len(plan.skipped),
-            "failed": [{"source": s, "error": e} for s, e in sorted(failed_sources.items())],
-            "complete_in_output": complete_files,
-        },
-        "units": {
-            "committed_this_run": len(committed),
-            "failed_this_run": len(failed_now),
-            "done_in_output": len(done_records),
-            "failed": failed_units,
-            "unfinished_this_run": unfinished,
-        },
-        "counts": {"this_run": dict(run_counts), "output_total": dict(total)},
-        "score_histogram": {"edges": EDGES.tolist(), "counts": histogram},
-        "token_histogram": merge_lengths(done_records),
-        "driver": {
-            "acknowledgements": tracker.acks,
-            "acknowledgement_bytes": tracker.ack_bytes,
-            "acknowledgement_cpu_s": round(tracker.cpu_s, 4),
-            "commit_task_cpu_s": round(committer.commit_cpu_s, 4) if committer else 0.0,
-        },
-        "runtime": runtime,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "ray_stats": ray_stats,
-        "versions": versions(),
-        "argv": sys.argv,
-    }
-    # The one place _audit.json is put together: every URI, option value and error text in it loses its
-    # credentials (INPUT and argv may be signed URLs, an endpoint_url may carry userinfo).
-    summary = redact_value(summary)
-    return AuditResult(
-        redact_uri(cfg.output),
-        files_done=files_done,
-        files_skipped=len(plan.skipped),
-        failed=failed_sources,
-        counts=dict(run_counts),
-        units_done=len(committed),
-        failed_units=failed_units,
-        summary=summary,
-    )

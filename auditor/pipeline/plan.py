@@ -234,7 +234,8 @@ def run_fingerprint(cfg: AuditConfig, model_fingerprint: str, threshold: Thresho
 def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
     """Peek the columns of a bounded sample of the files (COLUMN_CHECK_FILES, spread over the list), so a typo fails
     in seconds however many files there are. Returns {source: error} for sampled files that cannot be used; raises
-    ConfigError when a requested column is missing from every readable sampled file (a typo, not a bad file).
+    ConfigError when a requested column is missing from every readable sampled file that has columns (a typo, not
+    a bad file); a file with no records (an empty jsonl or csv) lacks none and audits as 0 rows.
     Any other file that lacks a column fails alone, as a failed unit, when the pipeline reads it.
     """
     if len(files) > COLUMN_CHECK_FILES:
@@ -242,7 +243,7 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
         files = [files[int(i * step)] for i in range(COLUMN_CHECK_FILES)]
     wanted = [cfg.caption_column, *([cfg.id_column] if cfg.id_column else []), *cfg.keep_columns]
 
-    def peek(file: InputFile) -> list[str] | str:
+    def peek(file: InputFile) -> list[str] | str | None:
         fs, _ = filesystem_for(file.source, cfg.storage_options)
         try:
             return peek_columns(fs, file, wanted)
@@ -258,7 +259,9 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
             f"--id-column/--keep-columns need columns, but {txt[0]} is a txt file (one caption per line); "
             "drop those options or pass only column formats (parquet, jsonl, csv, tsv)."
         )
-    columnar = [f for f in files if f.format != "txt" and f.source not in unreadable]
+    columnar = [
+        f for f in files if f.format != "txt" and f.source not in unreadable and peeked[f.source] is not None
+    ]
     for name in wanted:
         lacking = [f for f in columnar if name not in peeked[f.source]]
         if columnar and len(lacking) == len(columnar):

@@ -1,4 +1,6 @@
-"""Audit-level progress: units committed of the total, rows/s over the last minute, ETA, and the final summary.
+"""Audit-level progress: units committed of the total, rows scored and rows/s over the last minute, ETA, and the
+final summary. Rows count as the score actors finish batches (the driver's monitor passes the count on), so a unit
+of hours shows rows rising long before it commits; units count when committed, which is what resume trusts.
 
 Ray Data's bars show its operators; this shows the audit. A tqdm bar in a terminal, otherwise one log line every
 `interval_s` (what a Ray job's log keeps). Pure Python (tqdm only for the bar): must not import ray, so the driver
@@ -30,7 +32,7 @@ def format_eta(seconds: float | None) -> str:
 
 
 class AuditProgress:
-    """Progress of one audit run, fed by the driver as units commit or fail.
+    """Progress of one audit run, fed by the driver as units commit or fail and as rows are scored (rows_scored).
 
     total_units: units this run will process (skipped ones excluded). total_rows: their rows when known (parquet
     metadata), which makes the ETA rows-based; None makes it units remaining x recent seconds per unit.
@@ -67,8 +69,11 @@ class AuditProgress:
         self._last_bar = self._start
         self.units_committed = 0
         self.units_failed = 0
-        self.rows = 0
-        self._recent: deque[tuple[float, int]] = deque()  # (time, rows) of each commit within the rate window
+        self.rows = 0  # rows of committed units
+        # Rows scored so far: the score actors' count, or the committed rows where no count arrives (a run without
+        # an activity log) or they are ahead of it. Never goes down.
+        self.rows_seen = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, new rows seen) within the rate window
         self._per_node: dict[str, list[int]] = {}  # node -> [units, rows]
         self._summary: dict[str, Any] | None = None
         if logger.level == logging.NOTSET:
@@ -106,7 +111,7 @@ class AuditProgress:
             now = self._clock()
             self.units_committed += 1
             self.rows += rows
-            self._recent.append((now, rows))
+            self._see_rows(now, self.rows)
             if node is not None:
                 counts = self._per_node.setdefault(node, [0, 0])
                 counts[0] += 1
@@ -115,6 +120,11 @@ class AuditProgress:
                 self._bar.update(1)
                 self._draw_bar(now)
         self.tick()
+
+    def rows_scored(self, rows: int) -> None:
+        """The score actors have finished `rows` data rows in all so far (a running total, from the activity log)."""
+        with self._lock:
+            self._see_rows(self._clock(), rows)
 
     def unit_failed(self) -> None:
         """A unit failed (it is redone by the next run); it no longer counts as remaining."""
@@ -141,8 +151,10 @@ class AuditProgress:
     def close(self) -> dict[str, Any]:
         """Stop the bar, log the final line, return the summary (what `_audit.json` records). Idempotent.
 
-        {"units_committed", "units_failed", "rows", "seconds", "rows_per_s", "per_node"?}; per_node
-        ({node: {"units", "rows", "rows_per_s"}}, rates over the whole run) only when more than one node was seen.
+        {"units_committed", "units_failed", "rows", "rows_scored", "seconds", "rows_per_s", "per_node"?}: rows
+        of committed units; rows_scored and rows_per_s count every row scored, committed or not (a stopped run
+        scored rows that its rerun scores again). per_node ({node: {"units", "rows", "rows_per_s"}}, committed
+        rows over the whole run) only when more than one node was seen.
         """
         with self._lock:
             if self._summary is not None:
@@ -159,8 +171,9 @@ class AuditProgress:
                 "units_committed": self.units_committed,
                 "units_failed": self.units_failed,
                 "rows": self.rows,
+                "rows_scored": self.rows_seen,
                 "seconds": round(seconds, 3),
-                "rows_per_s": _rate(self.rows, seconds),
+                "rows_per_s": _rate(self.rows_seen, seconds),
             }
             if len(self._per_node) > 1:
                 summary["per_node"] = {
@@ -174,7 +187,7 @@ class AuditProgress:
             self.units_committed,
             self.total_units,
             failed,
-            f"{self.rows:,}",
+            f"{self.rows_seen:,}",
             format_eta(seconds),
             f"{summary['rows_per_s']:,.0f}",
         )
@@ -197,21 +210,26 @@ class AuditProgress:
         return sum(rows for _, rows in self._recent) / window, window
 
     def eta_s(self, now: float | None = None) -> float | None:
-        """Seconds left: rows left / recent rows/s when total_rows is known, else units left x recent s/unit.
+        """Seconds left: rows left / recent rows/s, the rows left from total_rows when it is known, else from the
+        units left x the mean rows of a committed unit, less the rows already scored of units in flight.
 
-        None (unknown) when nothing committed in the window: a stalled run has no honest ETA.
+        None (unknown) when no row was scored in the window (a stalled run has no honest ETA), and, without
+        total_rows, until a unit has committed (a text file's rows are not known before it is read).
         """
         now = self._clock() if now is None else now
         rows_per_s, window = self.rate(now)
         units_left = max(self.total_units - self.units_committed - self.units_failed, 0)
         if units_left == 0:
             return 0.0
-        if not self._recent or window <= 0:
+        if window <= 0 or rows_per_s <= 0:
             return None
         # rows left from the total, unless the total was an underestimate (units remain with no rows left)
-        if self.total_rows is not None and self.total_rows > self.rows and rows_per_s > 0:
-            return (self.total_rows - self.rows) / rows_per_s
-        return units_left * window / len(self._recent)
+        if self.total_rows is not None and self.total_rows > self.rows_seen:
+            return (self.total_rows - self.rows_seen) / rows_per_s
+        if not self.units_committed:
+            return None
+        expected_rows = self.rows + units_left * self.rows / self.units_committed
+        return max(expected_rows - self.rows_seen, 0.0) / rows_per_s
 
     def snapshot(self) -> dict[str, Any]:
         """{"units_committed", "units_failed", "units_remaining", "eta_s"} now, read under the lock (safe from the
@@ -226,13 +244,14 @@ class AuditProgress:
             }
 
     def line(self, now: float | None = None) -> str:
-        """`audit progress: 12/40 units (30.0%), 1,234,567 rows, 1,234 rows/s (last 60 s), ETA 0:12:34`."""
+        """`audit progress: 12/40 units (30.0%), 1,234,567 rows, 1,234 rows/s (last 60 s), ETA 0:12:34`: rows scored,
+        committed or not."""
         now = self._clock() if now is None else now
         done = self.units_committed
         share = 100.0 * done / self.total_units if self.total_units else 100.0
         failed = f", {self.units_failed} failed" if self.units_failed else ""
         return (
-            f"audit progress: {done}/{self.total_units} units ({share:.1f}%){failed}, {self.rows:,} rows, "
+            f"audit progress: {done}/{self.total_units} units ({share:.1f}%){failed}, {self.rows_seen:,} rows, "
             f"{self._rate_text(now)}, ETA {format_eta(self.eta_s(now))}"
         )
 
@@ -245,9 +264,15 @@ class AuditProgress:
         self._last_bar = now
         failed = f", {self.units_failed} failed" if self.units_failed else ""
         self._bar.set_postfix_str(
-            f"{self.rows:,} rows{failed}, {self._rate_text(now)}, ETA {format_eta(self.eta_s(now))}",
+            f"{self.rows_seen:,} rows{failed}, {self._rate_text(now)}, ETA {format_eta(self.eta_s(now))}",
             refresh=True,
         )
+
+    def _see_rows(self, now: float, total: int) -> None:
+        """Rows seen so far are `total` (scored, or committed): the increase counts towards the rate."""
+        if total > self.rows_seen:
+            self._recent.append((now, total - self.rows_seen))
+            self.rows_seen = total
 
     def _drop_old(self, now: float) -> None:
         while self._recent and self._recent[0][0] <= now - RATE_WINDOW_S:

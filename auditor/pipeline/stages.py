@@ -30,6 +30,7 @@ from auditor.io.parquet import stage_rows
 from auditor.io.readers import DEFAULT_BATCH_ROWS, read_caption_batches
 from auditor.io.storage import filesystem_for
 from auditor.io.units import WorkUnit, units_of
+from auditor.pipeline.activity import READ, SCORE, report_activity
 from auditor.pipeline.metrics import ScoreMetrics, ray_active
 from auditor.pipeline.plan import load_explain, resolve_threshold
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table, tokenized_from_table
@@ -117,13 +118,15 @@ def read_unit_rows(
 
 # 2. Read + tokenize: the CPU stage ------------------------------------------------------------------------------
 def read_and_tokenize(
-    batch: pa.Table, cfg: AuditConfig, batch_rows: int = DEFAULT_BATCH_ROWS
+    batch: pa.Table, cfg: AuditConfig, batch_rows: int = DEFAULT_BATCH_ROWS, activity: Any = None
 ) -> Iterator[pa.Table]:
-    """Ray Data UDF over work items (one input file per call: its InputFile fields + done_units): tokenized rows."""
+    """Ray Data UDF over work items (one input file per call: its InputFile fields + done_units): tokenized rows.
+    activity: the run's ActivityLog, told of every table read (None: nothing reported)."""
     tokenizer = CaptionTokenizer.from_model(cfg.model, cfg.storage_options, cfg.variant)
     for item in batch.to_pylist():
         done_units = frozenset(item.pop(DONE_UNITS) or ())
         for table in read_unit_rows(cfg, InputFile(**item), done_units, batch_rows):
+            report_activity(activity, READ, table.num_rows)
             yield tokenize_table(table, tokenizer)
 
 
@@ -147,16 +150,19 @@ class ScoreActor:
     denoiser-row columns per stage (schema.DENOISER_ROWS), which the write stage counts and drops.
 
     cfg: an AuditConfig, or a ScoreConfig (auditor.ray_data). model_fingerprint tags the actor's metrics
-    (auditor.pipeline.metrics); None: the Scorer's own, computed only when the actor runs inside Ray.
+    (auditor.pipeline.metrics); None: the Scorer's own, computed only when the actor runs inside Ray. activity:
+    the audit's ActivityLog (auditor.pipeline.monitor), told of the data rows of every batch this actor finishes:
+    the driver's progress and stall watchdog count them (None: nothing reported).
     """
 
-    def __init__(self, cfg: ScoreConfig, model_fingerprint: str | None = None):
+    def __init__(self, cfg: ScoreConfig, model_fingerprint: str | None = None, activity: Any = None):
         import torch
 
         from auditor.scoring import Scorer
 
         started = time.perf_counter()
         self.cfg = cfg
+        self.activity = activity
         self.scorer = Scorer.from_pretrained(
             cfg.model,
             dtype=cfg.dtype,
@@ -234,8 +240,9 @@ class ScoreActor:
         )
         for stage, rows in cost.items():
             out = out.append_column(schema.DENOISER_ROWS[stage], pa.array(rows, pa.int32()))
+        data_rows = Counter(s for s in status if s not in schema.CONTROL_STATUSES)
+        report_activity(self.activity, SCORE, sum(data_rows.values()))
         if self.metrics.enabled:
-            data_rows = Counter(s for s in status if s not in schema.CONTROL_STATUSES)
             self.metrics.record_batch(
                 data_rows,
                 int(flagged.sum()),

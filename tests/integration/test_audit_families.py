@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
 from auditor import Scorer, schema
 from auditor.cli import main
 from auditor.config import AuditConfig
+from tests.scores_close import assert_scores_close
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ def test_audit_calibrate_explain_filter_on_each_family(
     ok = sorted((r for r in rows if r[schema.STATUS] == schema.OK), key=lambda r: r[schema.ROW])
     assert [r[schema.ROW] for r in ok] == [0, 1, 2, 4, 5, 6, 7]
     expected = scorer.score([r[schema.CAPTION] for r in ok])
-    np.testing.assert_allclose([r[schema.SCORE] for r in ok], expected, rtol=1e-5, atol=1e-6)
+    assert_scores_close([r[schema.SCORE] for r in ok], expected)
     threshold = calibration["threshold"]
     assert all(r[schema.FLAGGED] == (r[schema.SCORE] > threshold) for r in ok)
     assert next(r for r in rows if r[schema.ROW] == 5)[schema.TRUNCATED] is True
@@ -79,7 +79,7 @@ def test_audit_calibrate_explain_filter_on_each_family(
     capsys.readouterr()
     assert main(["score", "--model", str(model), "--json", CAPTIONS[0]]) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert printed["score"] == pytest.approx(float(expected[0]), rel=1e-5)
+    assert_scores_close(printed["score"], expected[0])
     assert main(["explain", "--model", str(model), "--json", CAPTIONS[0]]) == 0
     explained = json.loads(capsys.readouterr().out)
     assert explained["magnitude"] == pytest.approx(float(expected[0]), rel=1e-4)
@@ -121,7 +121,7 @@ def test_sd3_audit_at_a_fixed_sigma(ray_local, family_model_dirs, tmp_path, caps
         return sorted(table.to_pylist(), key=lambda r: r[schema.ROW])
 
     rows = audit("sigma1.json", "--score-sigma", "0.94")
-    np.testing.assert_allclose([r[schema.SCORE] for r in rows], scorer.score(CAPTIONS[:3]), rtol=1e-5)
+    assert_scores_close([r[schema.SCORE] for r in rows], scorer.score(CAPTIONS[:3]))
     summary = json.loads((tmp_path / "out" / "_audit.json").read_text())
     assert summary["config"]["score_sigma"] == 0.94
     assert {a["score_sigma"] for a in summary["runtime"]["actors"]} == {0.94}
@@ -131,11 +131,11 @@ def test_sd3_audit_at_a_fixed_sigma(ray_local, family_model_dirs, tmp_path, caps
     # Without the flag the rows' scores change, so the ledger does not reuse them.
     rows = audit("sigma1.json")
     plain = Scorer.from_pretrained(model, device="cpu", dtype="fp32").score(CAPTIONS[:3])
-    np.testing.assert_allclose([r[schema.SCORE] for r in rows], plain, rtol=1e-5)
+    assert_scores_close([r[schema.SCORE] for r in rows], plain)
     assert "other score options" not in caplog.text
     capsys.readouterr()
     assert main(["score", "--model", str(model), "--json", "--score-sigma", "0.94", CAPTIONS[0]]) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert printed["score"] == pytest.approx(float(scorer.score(CAPTIONS[:1])[0]), rel=1e-5)
+    assert_scores_close(printed["score"], scorer.score(CAPTIONS[:1])[0])
     assert main(["score", "--model", str(family_model_dirs["sdxl"]), "--score-sigma", "0.94", "a cat"]) == 2
     assert "--score-sigma 0.94 applies to flow-matching models (SD3 / SD3.5)" in capsys.readouterr().err

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import s3fs
 
 from auditor import Scorer
 from auditor.errors import ModelLoadError
+from tests.scores_close import assert_scores_close
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def test_scorer_loads_from_s3_and_caches(s3_endpoint, micro_model_dir, micro_sco
     options = {"endpoint_url": s3_endpoint}
     remote = Scorer.from_pretrained("s3://models-bucket/sd/micro", device="cpu", storage_options=options)
     captions = ["a red cat", "an old castle at night"]
-    np.testing.assert_allclose(remote.score(captions), micro_scorer.score(captions), rtol=1e-6)
+    assert_scores_close(remote.score(captions), micro_scorer.score(captions))
     assert remote.fingerprint == micro_scorer.fingerprint
     copied = {p.relative_to(remote.components.root).as_posix() for p in remote.components.root.rglob("*")}
     assert not copied & set(EXTRAS) and "vae/diffusion_pytorch_model.safetensors" not in copied
@@ -41,7 +41,7 @@ def test_scorer_loads_from_s3_and_caches(s3_endpoint, micro_model_dir, micro_sco
     # Second load comes from the local cache: deleting the bucket copy must not matter.
     fs.rm("models-bucket/sd/micro", recursive=True)
     again = Scorer.from_pretrained("s3://models-bucket/sd/micro/", device="cpu", storage_options=options)
-    np.testing.assert_allclose(again.score(captions), micro_scorer.score(captions), rtol=1e-6)
+    assert_scores_close(again.score(captions), micro_scorer.score(captions))
 
 
 def test_missing_s3_folder_is_a_clear_error(s3_endpoint, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from audit_corpus import captions
 
 from auditor import schema
 from auditor.errors import ConfigError
+from tests.scores_close import assert_scores_close
 
 pytestmark = pytest.mark.integration
 
@@ -78,12 +79,7 @@ def test_user_pipeline_scores_flags_and_keeps_every_row_and_column(
     assert all(r[schema.MEMORIZATION_SCORE] is None and r[schema.MEMORIZATION_FLAG] is False for r in bad)
     # 3. Scores equal Scorer.score (as the audit's do); flagged is score > threshold.
     ok = [r for r in rows if r[schema.MEMORIZATION_STATUS] == schema.OK]
-    np.testing.assert_allclose(
-        [r[schema.MEMORIZATION_SCORE] for r in ok],
-        [reference[r["caption"]] for r in ok],
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    assert_scores_close([r[schema.MEMORIZATION_SCORE] for r in ok], [reference[r["caption"]] for r in ok])
     assert all(r[schema.MEMORIZATION_FLAG] == (r[schema.MEMORIZATION_SCORE] > threshold) for r in ok)
     flagged_ids = {r["id"] for r in ok if r[schema.MEMORIZATION_FLAG]}
     assert 0 < len(flagged_ids) < len(ok)
@@ -115,11 +111,9 @@ def test_scores_equal_the_audit_of_the_same_captions(ray_local, tmp_path, micro_
         (r["caption"], r[schema.MEMORIZATION_STATUS]): r[schema.MEMORIZATION_SCORE] for r in ds.iter_rows()
     }
     assert mine.keys() == audited.keys()
-    np.testing.assert_allclose(
+    assert_scores_close(
         [mine[k] if mine[k] is not None else np.nan for k in audited],
         [audited[k] if audited[k] is not None else np.nan for k in audited],
-        rtol=1e-5,
-        atol=1e-6,
     )
 
 
@@ -166,14 +160,14 @@ def test_memorization_scorer_without_ray_takes_every_batch_format(micro_model_di
     assert arrow.column("status").to_pylist() == ["x", "y"]
     assert arrow.column(schema.MEMORIZATION_STATUS).to_pylist() == [schema.OK, schema.NULL_CAPTION]
     assert arrow.column(schema.MEMORIZATION_FLAG).to_pylist() == [True, False]
-    np.testing.assert_allclose(arrow.column(schema.MEMORIZATION_SCORE)[0].as_py(), reference, rtol=1e-5)
+    assert_scores_close(arrow.column(schema.MEMORIZATION_SCORE)[0].as_py(), reference)
     frame = scorer(pd.DataFrame({"text": ["a photo of a cat", 7, None], "n": [1, 2, 3]}))
     assert list(frame[schema.MEMORIZATION_STATUS]) == [schema.OK, schema.NOT_STRING, schema.NULL_CAPTION]
     assert list(frame["n"]) == [1, 2, 3] and frame[schema.MEMORIZATION_SCORE].dtype == np.float32
     assert np.isnan(frame[schema.MEMORIZATION_SCORE].iloc[1])
     numpy = scorer({"text": np.array(["a photo of a cat", "  "], dtype=object)})
     assert list(numpy[schema.MEMORIZATION_STATUS]) == [schema.OK, schema.EMPTY_CAPTION]
-    np.testing.assert_allclose(numpy[schema.MEMORIZATION_SCORE][0], reference, rtol=1e-5)
+    assert_scores_close(numpy[schema.MEMORIZATION_SCORE][0], reference)
     typed = scorer(pa.table({"text": pa.array([1, None], pa.int64())}))  # a caption column that is not text
     assert typed.column(schema.MEMORIZATION_STATUS).to_pylist() == [schema.NOT_STRING, schema.NULL_CAPTION]
     with pytest.raises(ConfigError, match="already has column"):

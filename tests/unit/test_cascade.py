@@ -23,6 +23,7 @@ from auditor.scoring.cascade import (
     flag_rows,
     rank_scores,
 )
+from tests.scores_close import assert_scores_close
 
 CAPTIONS = [
     "a photo of a cat",
@@ -215,7 +216,7 @@ def check_actor_confirm_scores(model_dir, score_sigma=None, confirm: Stage | Non
     for caption, score, value in zip(CAPTIONS, scores, confirm_scores, strict=True):
         if score > screen:
             alone = scorer.score([caption], generations=confirm.generations, steps=confirm.steps, seed=3)[0]
-            np.testing.assert_allclose(value, alone, rtol=1e-5, err_msg=caption)
+            assert_scores_close(value, alone, err_msg=caption)
         else:
             assert value is None, caption
     expected_flags = [
@@ -258,7 +259,7 @@ def test_scorer_score_cascade_matches_two_scores(tiny_scorer):
     expected = tiny_scorer.score(
         [c for c, a in zip(CAPTIONS, again, strict=False) if a], generations=2, steps=2, seed=1
     )
-    np.testing.assert_allclose(result.confirm_score[again], expected, rtol=1e-5)
+    assert_scores_close(result.confirm_score[again], expected)
     assert result.denoiser_rows == {
         "screen": 7,
         "confirm": len({c for c, a in zip(CAPTIONS, again, strict=False) if a}) * 6,
@@ -350,7 +351,7 @@ def test_score_cli_adds_confirm_scores(micro_model_dir, micro_scorer, capsys):
     for row, score in zip(rows, first, strict=True):
         if score > screen:
             alone = micro_scorer.score([row["caption"]], generations=2, steps=2)[0]
-            np.testing.assert_allclose(row["confirm_score"], alone, rtol=1e-5)
+            assert_scores_close(row["confirm_score"], alone)
         else:
             assert row["confirm_score"] is None
     # Without --screen-threshold every caption gets the second stage; without --confirm-* there is no column.

@@ -480,3 +480,79 @@ def test_ledger_newest_record_wins_and_compaction_keeps_it(tmp_path):
     assert set(ledger.entries()) == {("s3://b/b.parquet", 0)}
     ledger.remove_legacy()
     assert not (tmp_path / "out" / "_ledger" / "b-2.json").exists()
+
+
+EMPTY_FILES = {
+    "zero.jsonl": b"",
+    "blank.jsonl": b"\n  \n\n",
+    "zero.csv": b"",
+    "bom.csv": b"\xef\xbb\xbf\n",
+    "zero.tsv": b"",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_FILES))
+def test_a_file_with_no_records_lacks_no_column_and_reads_as_0_rows(tmp_path, name):
+    """Issue 32: a writer's empty file is common; it has no header and no record, so no column is missing."""
+    path = tmp_path / name
+    path.write_bytes(EMPTY_FILES[name])
+    file = file_for(path, name.rsplit(".", 1)[1])
+    assert peek_columns(LOCAL, file, wanted=("caption",)) is None
+    assert list(read_caption_batches(LOCAL, file, "caption", id_column="key")) == []
+    assert list(read_record_batches(LOCAL, file)) == []  # what `auditor filter` reads
+
+
+def test_an_empty_compressed_jsonl_reads_as_0_rows(tmp_path):
+    path = tmp_path / "zero.jsonl.gz"
+    path.write_bytes(compress(b"", "gzip"))
+    [file] = list_inputs((str(path),), None, {})
+    assert peek_columns(LOCAL, file) is None
+    assert list(read_caption_batches(LOCAL, file, "caption")) == []
+
+
+def test_a_file_with_records_still_fails_for_a_missing_key(tmp_path):
+    """The other side of the rule: records without the key, or a csv header without the column, fail the file."""
+    (tmp_path / "a.jsonl").write_text('{"text": "a cat"}\n')
+    (tmp_path / "a.csv").write_text("text\na cat\n")
+    (tmp_path / "header.csv").write_text("text\n")  # a header and no row: its columns are known
+    assert peek_columns(LOCAL, file_for(tmp_path / "header.csv", "csv")) == ["text"]
+    with pytest.raises(InputDataError, match=r"a\.jsonl: no record has the key 'caption'.*keys are: text"):
+        read_all(tmp_path / "a.jsonl", "jsonl")
+    with pytest.raises(InputDataError, match=r"a\.csv has no column 'caption'; columns are: text"):
+        read_all(tmp_path / "a.csv", "csv")
+
+
+def test_a_broken_csv_is_not_mistaken_for_an_empty_one(tmp_path, monkeypatch):
+    """Only a file with no text is 0 rows; when pyarrow refuses one that has text, its error stands."""
+    import pyarrow.csv as pacsv
+
+    def refuse(*args, **kwargs):
+        raise pa.ArrowInvalid("CSV parse error: simulated")
+
+    (tmp_path / "a.csv").write_text("caption\na cat\n")
+    monkeypatch.setattr(pacsv, "open_csv", refuse)
+    with pytest.raises(pa.ArrowInvalid, match="simulated"):
+        read_all(tmp_path / "a.csv", "csv")
+
+
+def test_planning_passes_over_files_with_no_records(tmp_path):
+    """check_columns on the files a rerun still has to do: empty ones alone (issue 32: exit 2 on every rerun) pass;
+    a typo still fails on the files that have columns."""
+    from auditor.config import AuditConfig
+    from auditor.errors import ConfigError
+    from auditor.pipeline.plan import check_columns
+
+    for name, content in EMPTY_FILES.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "full.jsonl").write_text('{"caption": "a cat"}\n')
+    empty = [file_for(tmp_path / name, name.rsplit(".", 1)[1]) for name in sorted(EMPTY_FILES)]
+    cfg = AuditConfig(inputs=(str(tmp_path),), output=str(tmp_path / "out"), model="unused")
+    assert check_columns(cfg, empty) == {}
+    assert check_columns(cfg, [*empty, file_for(tmp_path / "full.jsonl", "jsonl")]) == {}
+    typo = AuditConfig(
+        inputs=(str(tmp_path),), output=str(tmp_path / "out"), model="unused", caption_column="txt"
+    )
+    with pytest.raises(
+        ConfigError, match=r"--caption-column 'txt' not found in .*full\.jsonl; columns are: caption"
+    ):
+        check_columns(typo, [*empty, file_for(tmp_path / "full.jsonl", "jsonl")])

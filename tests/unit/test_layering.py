@@ -52,7 +52,7 @@ def test_audit_versions_come_from_package_metadata_without_importing_torch():
     stack (that cost every `auditor audit` about 10 CPU-seconds)."""
     code = (
         "import sys\n"
-        "from auditor.pipeline.audit import versions\n"
+        "from auditor.pipeline.summary import versions\n"
         "found = versions()\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))\n"
         "import diffusers, pyarrow, ray, torch, transformers\n"

@@ -27,6 +27,7 @@ from auditor.pipeline.plan import plan_audit, resolve_threshold, run_fingerprint
 from auditor.scoring import fingerprint as fp_mod
 from auditor.scoring import loading
 from auditor.scoring.layout import model_files, select_model_files
+from tests.scores_close import assert_scores_close
 
 CAPTIONS = ["a red cat sitting in a park", "an old castle at night", "mona lisa by leonardo"]
 WEIGHTS = {"unet": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -191,7 +192,7 @@ def test_extras_are_neither_loaded_nor_hashed_and_the_default_scores_as_the_clea
     scorer, got = scores(model)
     clean, expected = scores(tiny_model_dir)
     assert_same_weights(scorer, clean)
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert_scores_close(got, expected)
 
 
 @pytest.mark.parametrize(
@@ -248,7 +249,7 @@ def test_variant_selects_its_weights_and_falls_back_per_component(tiny_model_dir
     scorer, got = scores(model, variant="fp16")
     only, expected = scores(fp16_only(tiny_model_dir, tmp_path / "fp16"))
     assert_same_weights(scorer, only)
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert_scores_close(got, expected)
     assert scorer.fingerprint != loading.fingerprint_model(model)  # another variant, other weights
     # A component without the variant loads its default weights (diffusers' DiffusionPipeline does the same).
     (model / "text_encoder" / "model.fp16.safetensors").unlink()
@@ -322,7 +323,7 @@ def test_sharded_weights_with_an_index_load_exactly(tiny_model_dir, tmp_path):
     # Equal weights give equal scores up to float32 rounding: CPU kernels' summation order depends on how the
     # memory-mapped tensors are aligned, which differs between one file and shards (the clean folder itself
     # scores in the last bits differently once its weights are copied elsewhere in memory).
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert_scores_close(got, expected)
     before = scorer.fingerprint
     last = model / shards[-1]
     last.write_bytes(last.read_bytes()[:-4] + b"\0\0\0\1")

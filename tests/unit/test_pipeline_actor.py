@@ -17,6 +17,7 @@ from auditor.io.inputs import list_inputs
 from auditor.io.ledger import DONE, Ledger
 from auditor.io.parquet import commit_unit, read_shard
 from auditor.pipeline import plan as plan_mod
+from auditor.pipeline.activity import READ, SCORE
 from auditor.pipeline.commit import UnitTracker
 from auditor.pipeline.plan import plan_audit, resolve_threshold
 from auditor.pipeline.stages import (
@@ -27,8 +28,18 @@ from auditor.pipeline.stages import (
     stage_and_acknowledge,
 )
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table
+from tests.scores_close import assert_scores_close
 
 CAPTIONS = ["a photo of a cat", "mona lisa by leonardo", "a photo of a cat", " ".join(["word"] * 100)]
+
+
+class ActivityRecorder:
+    """Stands for the ActivityLog actor's handle: `log.record.remote(stage, rows)` is what the workers call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.record = self
+        self.remote = lambda stage, rows: self.calls.append((stage, rows))
 
 
 def make_cfg(tmp_path, model, **changes) -> AuditConfig:
@@ -60,14 +71,19 @@ def test_score_actor_without_ray(tmp_path, tiny_model_dir, tiny_scorer, parquet_
     cfg = make_cfg(tmp_path, tiny_model_dir, threshold=threshold, keep_columns=("url",), dtype="fp32")
     files = list_inputs(cfg.inputs, None, {})
     batch = pa.Table.from_pylist([{**vars(f), DONE_UNITS: []} for f in files])
-    tables = list(read_and_tokenize(batch, cfg))
+    reads, scores_reported = ActivityRecorder(), ActivityRecorder()
+    tables = list(read_and_tokenize(batch, cfg, activity=reads))
+    assert reads.calls == [(READ, t.num_rows) for t in tables]  # every table read is news for the watchdog
     data = pa.concat_tables(t for t in tables if t.column(schema.STATUS)[0].as_py() != schema.END_OF_UNIT)
-    out = ScoreActor(cfg)(data)
+    out = ScoreActor(cfg, activity=scores_reported)(data)
+    assert scores_reported.calls == [
+        (SCORE, 6)
+    ]  # the batch's data rows, bad ones included (progress counts them)
     assert schema.INPUT_IDS not in out.column_names
     status = out.column(schema.STATUS).to_pylist()
     assert status == ["ok"] * 4 + [schema.NULL_CAPTION, schema.EMPTY_CAPTION]
     scores = out.column(schema.SCORE).to_pylist()
-    np.testing.assert_allclose(scores[:4], reference, rtol=1e-5)
+    assert_scores_close(scores[:4], reference)
     assert scores[4:] == [None, None]
     assert out.column(schema.FLAGGED).to_pylist() == [s is not None and s > threshold for s in scores]
     assert out.column(schema.N_TOKENS).to_pylist()[4:] == [None, None]
@@ -82,7 +98,7 @@ def test_score_actor_without_ray(tmp_path, tiny_model_dir, tiny_scorer, parquet_
     # Without the CPU stage's token columns the actor tokenizes itself.
     fresh = ScoreActor(cfg)
     again = fresh(data.drop_columns([schema.INPUT_IDS, schema.ATTENTION_MASK]))
-    np.testing.assert_allclose(again.column(schema.SCORE).to_pylist()[:4], reference, rtol=1e-5)
+    assert_scores_close(again.column(schema.SCORE).to_pylist()[:4], reference)
     # Captions seen in an earlier batch of the same actor are not scored again, and score the same.
     assert fresh.cache_hits == 0  # a repeat within one batch is deduplicated by the Scorer itself
     third = fresh(data)

@@ -74,7 +74,8 @@ def test_rate_counts_only_the_last_60_seconds():
     assert progress.rate() == (pytest.approx(6600 / 50), 50.0)
     clock.advance(20)  # t=70: only the t=30 commit is
     assert progress.rate() == (pytest.approx(600 / 60), 60.0)
-    assert progress.eta_s() == pytest.approx(38 * 60.0)  # 38 units left, 1 unit per 60 s
+    # 38 units left of 3300 rows each on average (6600 rows in 2 units), at 10 rows/s
+    assert progress.eta_s() == pytest.approx(38 * 3300 / 10)
     clock.advance(40)  # t=110: nothing in the last 60 s
     assert progress.rate() == (0.0, 60.0)
     assert progress.rows == 6600  # the totals are not windowed
@@ -89,6 +90,60 @@ def test_eta_is_unknown_without_a_recent_commit():
     progress.unit_committed(100)
     clock.advance(61)  # stalled: no honest ETA
     assert progress.line().endswith("0 rows/s (last 60 s), ETA unknown")
+
+
+def test_rows_rise_as_the_score_actors_finish_batches_before_any_commit(caplog):
+    """Issue 36: one long unit showed '0 rows, 0 rows/s' until it committed; the rows scored now count."""
+    caplog.set_level(logging.INFO, logger="auditor.progress")
+    clock = FakeClock()
+    progress = make(clock, total_units=1, interval_s=30)
+    for scored in (0, 600, 1200, 1800):
+        clock.advance(30)
+        progress.rows_scored(scored)
+        progress.tick()
+    assert progress_lines(caplog)[-3:] == [
+        "audit progress: 0/1 units (0.0%), 600 rows, 10 rows/s (last 60 s), ETA unknown",
+        "audit progress: 0/1 units (0.0%), 1,200 rows, 20 rows/s (last 60 s), ETA unknown",
+        "audit progress: 0/1 units (0.0%), 1,800 rows, 20 rows/s (last 60 s), ETA unknown",
+    ]
+    # The unit commits: its rows were counted already, and never twice.
+    clock.advance(5)
+    progress.unit_committed(2000)
+    progress.rows_scored(1900)  # a late, smaller count changes nothing
+    assert (progress.rows, progress.rows_seen) == (2000, 2000)
+    summary = progress.close()
+    assert summary["rows"] == summary["rows_scored"] == 2000
+    assert summary["rows_per_s"] == pytest.approx(2000 / 125, abs=0.1)
+
+
+def test_rows_based_eta_follows_the_rows_scored():
+    clock = FakeClock()
+    progress = make(clock, total_units=1, total_rows=10_000)
+    clock.advance(20)
+    progress.rows_scored(2_000)  # 100 rows/s over 20 s, 8000 left
+    assert progress.eta_s() == pytest.approx(80.0)
+
+
+def test_eta_counts_the_rows_already_scored_of_units_in_flight():
+    """Issue 36: rows scored inside units not yet committed shorten the ETA as they are scored."""
+    clock = FakeClock()
+    progress = make(clock, total_units=4)
+    clock.advance(10)
+    progress.unit_committed(1000)  # 3 units of ~1000 rows left, 100 rows/s
+    assert progress.eta_s() == pytest.approx(30.0)
+    clock.advance(5)
+    progress.rows_scored(1500)  # half of the next unit scored: 2500 rows left at 1500/15 rows/s
+    assert progress.eta_s() == pytest.approx(25.0)
+
+
+def test_a_stopped_run_keeps_the_rows_it_scored_apart_from_those_committed():
+    clock = FakeClock()
+    progress = make(clock, total_units=2)
+    clock.advance(10)
+    progress.unit_committed(100)
+    progress.rows_scored(350)  # the second unit was being scored when the run stopped
+    summary = progress.close()
+    assert (summary["rows"], summary["rows_scored"], summary["rows_per_s"]) == (100, 350, 35.0)
 
 
 def test_failed_units_are_not_remaining_and_are_shown():
@@ -167,6 +222,7 @@ def test_summary_with_per_node_breakdown(caplog):
         "units_committed": 2,
         "units_failed": 1,
         "rows": 400,
+        "rows_scored": 400,
         "seconds": 20.0,
         "rows_per_s": 20.0,
         "per_node": {

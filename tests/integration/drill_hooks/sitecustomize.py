@@ -5,7 +5,8 @@ Every process of the drill cluster loads this as `sitecustomize` (the drill puts
 AUDITOR_DRILL_SCORED_DIR set, it wraps `auditor.pipeline.stages.ScoreActor.__call__` when that module is first
 imported: before scoring a batch, the actor appends one line per data row, `<source> TAB <row> TAB <unix time>`,
 to `<dir>/<pid>.tsv`. Logged at the start of a call, a batch cut short by a kill counts as scored, as its work is
-lost. Without the variable it does nothing.
+lost. With AUDITOR_TEST_BATCH_DELAY_S set, each call first sleeps that long: a slow model, for the tests of the
+stall watchdog and of progress inside a unit. Without either variable it does nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 
 SCORED_DIR = os.environ.get("AUDITOR_DRILL_SCORED_DIR")
+BATCH_DELAY_S = float(os.environ.get("AUDITOR_TEST_BATCH_DELAY_S") or 0)
 TARGET = "auditor.pipeline.stages"
 
 
@@ -26,6 +28,9 @@ def _record_scored_rows(stages) -> None:
     score = stages.ScoreActor.__call__
 
     def recording_call(self, batch):
+        time.sleep(BATCH_DELAY_S)
+        if not SCORED_DIR:
+            return score(self, batch)
         status = batch.column(schema.STATUS).to_pylist()
         rows = zip(
             batch.column(schema.SOURCE).to_pylist(), batch.column(schema.ROW).to_pylist(), status, strict=True
@@ -58,5 +63,5 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if SCORED_DIR:
+if SCORED_DIR or BATCH_DELAY_S:
     sys.meta_path.insert(0, _PatchOnImport())
