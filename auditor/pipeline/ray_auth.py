@@ -68,7 +68,17 @@ def secure_local_ray() -> None:
         return
     os.environ[AUTH_MODE_ENV] = "token"
     if not (os.environ.get(TOKEN_ENV) or os.environ.get(TOKEN_PATH_ENV)):
-        ensure_private_token(default_token_path())
+        try:
+            ensure_private_token(default_token_path())
+        except (
+            OSError,
+            RuntimeError,
+        ) as exc:  # a read-only or missing HOME (RuntimeError: no home directory)
+            # A token for this run only, in the environment this process and its Ray inherit: no file needed.
+            os.environ[TOKEN_ENV] = secrets.token_hex(32)
+            logger.warning(
+                "Ray token authentication: cannot write a token file (%s); this run uses one of its own", exc
+            )
     refresh_ray_config()
 
 

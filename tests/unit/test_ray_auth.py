@@ -117,3 +117,11 @@ def test_an_address_that_does_not_answer_is_left_to_ray_init():
     for address in (f"127.0.0.1:{port}", "ray://127.0.0.1:10001", "auto"):
         ray_auth.check_token(address)
     assert time.monotonic() - started < 10
+
+
+def test_a_home_that_cannot_hold_the_token_gets_a_token_for_this_run(home, caplog):
+    (home / ".ray").write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING):
+        ray_auth.secure_local_ray()
+    assert os.environ[ray_auth.AUTH_MODE_ENV] == "token" and len(os.environ[ray_auth.TOKEN_ENV]) == 64
+    assert "cannot write a token file" in caplog.text and os.environ[ray_auth.TOKEN_ENV] not in caplog.text
