@@ -121,8 +121,11 @@ def check_token(address: str) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
     except OSError:
         return
-    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
-    from ray._raylet import GcsClient
+    try:  # Ray's private modules, as 2.52-2.60 have them; elsewhere ray.init reports a refusal by itself
+        from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+        from ray._raylet import GcsClient
+    except ImportError:
+        return
 
     # RAY_AUTH_MODE=token without a token: Ray's own error (a GcsClient would abort the process instead).
     ensure_token_if_auth_enabled(None, create_token_if_missing=False)
