@@ -2,7 +2,7 @@
 http.server, an S3 presigned URL from the moto server) and an endpoint_url with userinfo, then every byte under
 OUTPUT, the filter's and the report's outputs, the run's log, the Ray workers' logs and the metrics the node exports
 searched for each secret, the local Ray's auth token among them. A rerun with rotated credentials commits nothing:
-an input's identity is its URI without them. (On a cluster that requires a token: test_ray_auth.py.)
+an input's identity is its URI without them. (On a cluster that requires a token: test_audit_token_auth.py.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Audit and filter reading from and writing to S3 (a moto server on 127.0.0.1), in-process. As a Ray Job (`ray job
-submit`), on a Ray that requires a token: tests/integration/test_ray_auth.py."""
+submit`), on a Ray that requires a token: tests/integration/test_audit_token_auth.py."""
 
 from __future__ import annotations
 
