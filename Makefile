@@ -5,24 +5,30 @@ PY := $(VENV)/bin/python
 # This workplace ships a CPU torch 2.13.0 wheel on disk; on a CUDA machine take the newest matching build.
 # Override: make install TORCH="torch==2.5.1"
 TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.3"; else echo "torch==2.13.0"; fi)
+# The versions CI tested (.ci/constraints.py writes it: make constraints). CONSTRAINTS= installs the newest instead.
+CONSTRAINTS ?= constraints.txt
 TOY_MODEL ?= .cache/toy-model
 DEMO_OUT ?= runs/demo
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: help install test test-fast test-lower-bounds demo report-screenshot bench lint format toy-model gpu-wheels clean
+.PHONY: help install constraints test test-fast test-lower-bounds demo report-screenshot bench lint format toy-model gpu-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install auditor with test extras (one resolver run keeps s3fs/boto3 compatible)
+install:  ## create .venv and install auditor with test extras, at the versions of constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools
-	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH)" -e ".[test]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	@touch $(VENV)/.installed
 	@$(PY) -c "import auditor, torch, ray, diffusers; print('auditor installed; torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(MAKE) install
+
+constraints: $(VENV)/.installed  ## rewrite constraints.txt from .venv (after tests passed there; README, Versions tested)
+	$(PY) .ci/constraints.py test >constraints.txt
+	@git diff --stat constraints.txt 2>/dev/null || true
 
 # make test: TEST_WORKERS pytest-xdist workers. loadgroup keeps the tests of one Ray (or of the trained toy) on one
 # worker; tests/conftest.py sends the single-threaded toy rebuild and the two longest groups out first. Failures are

@@ -45,6 +45,7 @@ from auditor.pipeline.monitor import (
 )
 from auditor.pipeline.plan import AuditPlan, WorkItem, committed_units, plan_audit, record_matches
 from auditor.pipeline.progress import AuditProgress
+from auditor.pipeline.ray_auth import check_token, is_auth_refusal, refusal_message, secure_local_ray
 from auditor.pipeline.stages import DONE_UNITS, ScoreActor, read_and_tokenize, stage_and_acknowledge
 from auditor.pipeline.summary import AuditResult, summarize
 from auditor.redact import redact_text, redact_uri
@@ -78,9 +79,17 @@ def init_ray(address: str | None, num_cpus: int | None, quiet: bool) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
+        secure_local_ray()  # token authentication on where Ray has it (auditor.pipeline.ray_auth)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
-    else:
+        return
+    try:
+        check_token(address)
         ray.init(address=address, log_to_driver=not quiet)
+    except Exception as exc:
+        if not is_auth_refusal(exc):
+            raise
+        ray.shutdown()
+        raise ConfigError(refusal_message(address, exc)) from None
 
 
 def actor_resources(cfg: AuditConfig, local: bool) -> dict[str, float]:

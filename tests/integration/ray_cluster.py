@@ -229,6 +229,7 @@ class LocalRayCluster:
         dashboard: bool = False,
         node_timeout_s: float = 5.0,
         start_timeout_s: float = 120.0,
+        token_in_env: bool = False,
     ) -> None:
         self.head_cpus = head_cpus
         self.worker_cpus = worker_cpus
@@ -237,6 +238,9 @@ class LocalRayCluster:
         self.dashboard = dashboard
         self.node_timeout_s = node_timeout_s
         self.start_timeout_s = start_timeout_s
+        # The token as KubeRay's authOptions passes it, RAY_AUTH_TOKEN in every process's environment, instead of
+        # RAY_AUTH_TOKEN_PATH naming the private file.
+        self.token_in_env = token_in_env
         self.temp_dir: Path | None = None
         self.head_ports: NodePorts | None = None
         self.worker_ports: NodePorts | None = None
@@ -250,6 +254,17 @@ class LocalRayCluster:
         if self.head_ports is None:
             raise RuntimeError("the cluster is not started")
         return f"{NODE_IP}:{self.head_ports.gcs}"
+
+    @property
+    def token(self) -> str:
+        """The cluster's auth token (kept in <temp dir>/auth_token)."""
+        if self._token_path is None:
+            raise RuntimeError("the cluster is not started")
+        return self._token_path.read_text().strip()
+
+    @property
+    def token_file(self) -> Path | None:
+        return self._token_path
 
     @property
     def dashboard_url(self) -> str:
@@ -409,9 +424,12 @@ class LocalRayCluster:
             env.pop(key, None)
         env.update(self.extra_env)
         env["RAY_AUTH_MODE"] = "token"
-        env["RAY_AUTH_TOKEN_PATH"] = str(
-            self._token_path
-        )  # never ~/.ray/auth_token, which other clusters share
+        if self.token_in_env:
+            env.pop("RAY_AUTH_TOKEN_PATH", None)
+            env["RAY_AUTH_TOKEN"] = self.token
+        else:
+            # never ~/.ray/auth_token, which other clusters share
+            env["RAY_AUTH_TOKEN_PATH"] = str(self._token_path)
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         return env
 

@@ -1,7 +1,8 @@
 """No credential in any output: an audit of inputs named by URLs that carry their own (userinfo on a local
 http.server, an S3 presigned URL from the moto server) and an endpoint_url with userinfo, then every byte under
-OUTPUT, the filter's and the report's outputs and the run's log searched for each secret. A rerun with rotated
-credentials commits nothing: an input's identity is its URI without them.
+OUTPUT, the filter's and the report's outputs, the run's log, the Ray workers' logs and the metrics the node exports
+searched for each secret, the local Ray's auth token among them. A rerun with rotated credentials commits nothing:
+an input's identity is its URI without them. (On a cluster that requires a token: test_audit_token_auth.py.)
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import functools
 import http.server
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -21,6 +24,7 @@ import pytest
 import s3fs
 from audit_corpus import captions
 from botocore.config import Config
+from packaging.version import Version
 
 from auditor import schema
 from auditor.cli import main as cli_main
@@ -79,6 +83,16 @@ def leaks(root: Path, secrets: list[str]) -> list[str]:
     return found
 
 
+def ray_token() -> str | None:
+    """The token of this process's Ray when token authentication is on (Ray 2.60 turns it on for a local Ray)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return Path(path).read_text().strip()
+
+
 def run_cli(argv: list[str], monkeypatch, capfd, caplog) -> tuple[int, str]:
     """`auditor <argv>` in this process (the session's local Ray), with sys.argv as a shell would set it; returns
     (exit code, everything it printed and logged)."""
@@ -107,6 +121,9 @@ def test_signed_and_userinfo_inputs_leave_no_credential_and_rotation_redoes_noth
     out, logs = tmp_path / "out", []
     common = ["--model", str(micro_model_dir), "--threshold", "0", "--dtype", "fp32", "--quiet"]
     secrets = [PASSWORD, KEY_ID, signature(signed), ENDPOINT_SECRET]
+    if Version(ray_local.__version__) >= Version("2.60"):  # its local Ray requires a token: no leak either
+        secrets.append(ray_token())
+        assert secrets[-1] and len(secrets[-1]) >= 32
 
     # 1. The audit reads all three inputs; sources, ids, shards and the ledger name them without credentials.
     code, log = run_cli(
@@ -172,5 +189,13 @@ def test_signed_and_userinfo_inputs_leave_no_credential_and_rotation_redoes_noth
     assert [s for s in secrets for log in logs if s in log] == []
     # The workers' log lines (Ray keeps them in its session's log folder; this Ray does not send them to the
     # driver): the read, tokenize, score and write stages of these runs logged there.
-    ray_logs = Path(ray_local._private.worker._global_node.get_logs_dir_path())
+    node = ray_local._private.worker._global_node
+    ray_logs = Path(node.get_logs_dir_path())
     assert list(ray_logs.glob("worker-*.err")) and leaks(ray_logs, secrets) == []
+    # The metrics the node exports (the score actors' and the driver's among Ray's own).
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=30
+    ) as response:
+        metrics = response.read().decode()
+    assert "ray_" in metrics  # Ray's own; the auditor's appear once the agent's report interval passed
+    assert [s for s in secrets if s in metrics] == []

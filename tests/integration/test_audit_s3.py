@@ -1,15 +1,11 @@
-"""Audit and filter reading from and writing to S3 (a moto server on 127.0.0.1), in-process and as a Ray Job."""
+"""Audit and filter reading from and writing to S3 (a moto server on 127.0.0.1), in-process. As a Ray Job (`ray job
+submit`), on a Ray that requires a token: tests/integration/test_audit_token_auth.py."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,13 +16,11 @@ import s3fs
 from audit_corpus import captions
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from auditor import schema
 from auditor.config import AuditConfig, FilterConfig
 from auditor.errors import ConfigError
 from tests.scores_close import assert_scores_close
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 
 def upload_corpus(fs: s3fs.S3FileSystem, bucket: str) -> list[str]:
@@ -91,74 +85,3 @@ def test_unreachable_endpoint_is_a_config_error(micro_model_dir):
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"cannot list INPUT s3://nowhere-bucket/in/ .*endpoint_url"):
         plan_audit(cfg)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.mark.slow
-@pytest.mark.own_ray_cluster("ray_local")  # one node: beside the session's local Ray, not the drills
-def test_ray_job_submit_reads_and_writes_s3(s3_endpoint, micro_model_dir, micro_scorer, tmp_path_factory):
-    """`ray job submit -- python jobs/audit.py ...` against a local Ray head this test starts and stops."""
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
-    upload_corpus(fs, "job-bucket")
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    gcs_port, dashboard_port = free_port(), free_port()
-    # Every port of its own: the session's Ray (or another one on this machine) already holds the defaults, and a
-    # dashboard agent that cannot bind its port leaves the head unable to take jobs ("No available agent").
-    own_ports = [
-        f"--{name}={free_port()}"
-        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-                     "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
-    ]  # fmt: skip
-    # A private temp dir keeps this head out of /tmp/ray, so no other `ray.init()` on the machine joins it.
-    temp_dir = tmp_path_factory.mktemp("rayjob", numbered=True)
-    short_temp = Path("/tmp") / f"rj{os.getpid()}"
-    short_temp.symlink_to(temp_dir)  # Unix socket paths must stay short
-    # A throwaway loopback cluster: no token auth (else head and client must share a token file).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--disable-usage-stats",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--temp-dir={short_temp}", *own_ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            probe = subprocess.run(
-                [ray_bin, "job", "list", "--address", address], env=env, capture_output=True, timeout=60
-            )
-            if probe.returncode == 0:
-                break
-            time.sleep(1)
-        command = [
-            ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-            sys.executable, "jobs/audit.py", "s3://job-bucket/captions/", "s3://job-bucket/runs/job1",
-            "--model", str(micro_model_dir), "--storage-option", f"endpoint_url={s3_endpoint}", "--dtype", "fp32",
-            "--threshold", "0", "--quiet",
-        ]  # fmt: skip
-        # The dashboard answers before the node's job agent is up ("No available agent"): retry only that.
-        for _ in range(30):
-            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-            if submit.returncode == 0 or "No available agent" not in submit.stderr + submit.stdout:
-                break
-            time.sleep(2)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    finally:
-        os.killpg(head.pid, 15)  # SIGTERM: `ray start --block` stops the processes of this head only
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
-            head.wait(timeout=30)
-        short_temp.unlink()
-    rows = read_scores(fs, "job-bucket/runs/job1/scores").to_pylist()
-    assert len(rows) == 25 and all(r[schema.FLAGGED] for r in rows)
-    audit = json.loads(fs.cat("job-bucket/runs/job1/_audit.json"))
-    assert audit["model_fingerprint"] == micro_scorer.fingerprint

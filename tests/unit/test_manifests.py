@@ -6,6 +6,9 @@
   Kubernetes version.
 - The flags after `jobs/audit.py` in a RayJob / RayCronJob entrypoint parse and validate with AuditConfig.from_argv,
   the parser `auditor audit` and the job itself use.
+- Secure by default: every Ray cluster requires Ray's token (authOptions), a NetworkPolicy of the folder admits
+  to its head only its own pods, its submitter (8265), the KubeRay operator (8265) and Prometheus (metrics ports),
+  its pods run as a workload-identity ServiceAccount, and the submitter gets no Secret.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import copy
 import io
 import shlex
+import shutil
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -220,7 +224,12 @@ JOB_DOCS = [pytest.param(doc, id=name) for name, doc in DOCUMENTS if entrypoints
 
 def test_every_manifest_is_checked():
     names = {p.name for p in manifest_files()}
-    assert {"rayjob-audit.yaml", "raycronjob-audit.yaml", "cronjob-audit.yaml"} <= names
+    assert {
+        "rayjob-audit.yaml",
+        "raycronjob-audit.yaml",
+        "cronjob-audit.yaml",
+        "auditor-namespace.yaml",
+    } <= names
     assert all("apiVersion" in doc and "kind" in doc for _, doc in DOCUMENTS)
     assert len(RAY_DOCS) >= 2 and len(CORE_DOCS) >= 4 and len(JOB_DOCS) >= 2
 
@@ -370,3 +379,263 @@ def test_strict_schema_handles_the_kubernetes_extensions():
     assert not validator.is_valid({"extra": 1})
     assert not validator.is_valid({"pod": {"extra": 1}})
     assert not validator.is_valid({"map": {"k": 1}})
+
+
+# 6. Secure by default: token auth, a NetworkPolicy around every Ray cluster, credentials only where needed ---------
+# The ports a head serves and who may reach them (README, Security).
+GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 6379, 8265, 10001
+METRICS_PORTS = (
+    8080,
+    44217,
+    44227,
+)  # KubeRay's --metrics-export-port on every pod; autoscaler, dashboard on the head
+NAMESPACE = {"kubernetes.io/metadata.name": "audits"}  # where the manifests are applied (any one namespace)
+PROMETHEUS = ({"kubernetes.io/metadata.name": "prometheus-system"}, {"app.kubernetes.io/name": "prometheus"})
+OPERATOR = ({"kubernetes.io/metadata.name": "kuberay-system"}, {"app.kubernetes.io/name": "kuberay-operator"})
+WORKLOAD_IDENTITY = ("eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account")
+
+
+def ray_cluster_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(field path, rayClusterSpec) of every Ray cluster a document creates: RayJob, RayCronJob, RayCluster."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "RayJob" and "rayClusterSpec" in spec:
+        return [("spec.rayClusterSpec", spec["rayClusterSpec"])]
+    if doc.get("kind") == "RayCronJob" and "rayClusterSpec" in (spec.get("jobTemplate") or {}):
+        return [("spec.jobTemplate.rayClusterSpec", spec["jobTemplate"]["rayClusterSpec"])]
+    if doc.get("kind") == "RayCluster":
+        return [("spec", spec)]
+    return []
+
+
+def submitter_template(doc: dict[str, Any]) -> dict[str, Any] | None:
+    spec = doc.get("spec") or {}
+    job = spec.get("jobTemplate") if doc.get("kind") == "RayCronJob" else spec
+    return (job or {}).get("submitterPodTemplate")
+
+
+def ray_pod_templates(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(group, pod template) of the head and of every worker group."""
+    templates = [("head", cluster["headGroupSpec"]["template"])]
+    templates += [(g["groupName"], g["template"]) for g in cluster.get("workerGroupSpecs") or []]
+    return templates
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against labels; {} selects everything."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def ingress_allowed(
+    policies: list[dict[str, Any]],
+    pod_labels: dict[str, str],
+    peer_labels: dict[str, str],
+    port: int,
+    peer_namespace: dict[str, str] = NAMESPACE,
+) -> bool:
+    """Whether a pod with `pod_labels` (in NAMESPACE) accepts TCP `port` from a peer pod, as NetworkPolicy says:
+    no policy selecting the pod allows everything; else any rule of any selecting policy must allow it."""
+    selecting = [
+        p
+        for p in policies
+        if selects(p["spec"]["podSelector"], pod_labels)
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress") or []:
+            ports = rule.get("ports")
+            if ports and not any(p.get("protocol", "TCP") == "TCP" and p.get("port") == port for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                if "ipBlock" in peer:
+                    continue
+                if "namespaceSelector" in peer:
+                    namespace_ok = selects(peer["namespaceSelector"], peer_namespace)
+                else:
+                    namespace_ok = peer_namespace == NAMESPACE  # a bare podSelector: the policy's namespace
+                if namespace_ok and ("podSelector" not in peer or selects(peer["podSelector"], peer_labels)):
+                    return True
+    return False
+
+
+def security_problems(doc: dict[str, Any], folder: Path = MANIFESTS) -> list[str]:
+    """What leaves a Ray cluster of this document open: token auth off, no NetworkPolicy of `folder` closing its
+    head to other pods, credentials where no bucket is read, no workload identity."""
+    problems = []
+    folder_docs = [d for p in sorted(folder.glob("*.y*ml")) for d in load_documents(p)]
+    policies = [d for d in folder_docs if d.get("kind") == "NetworkPolicy"]
+    accounts = {d["metadata"]["name"]: d for d in folder_docs if d.get("kind") == "ServiceAccount"}
+    for where, cluster in ray_cluster_specs(doc):
+        mode = (cluster.get("authOptions") or {}).get("mode")
+        if mode != "token":
+            problems.append(
+                f"{where}.authOptions.mode is {mode!r}: Ray token authentication is off (want 'token')"
+            )
+        pods = ray_pod_templates(cluster)
+        head_labels = (pods[0][1].get("metadata") or {}).get("labels") or {}
+        for group, template in pods:
+            labels = (template.get("metadata") or {}).get("labels") or {}
+            if not any(selects(p["spec"]["podSelector"], labels) for p in policies):
+                problems.append(
+                    f"{where} {group}: no NetworkPolicy in {folder.name}/ selects its pods {labels}"
+                )
+            elif not ingress_allowed(policies, head_labels, labels, GCS_PORT):
+                problems.append(f"{where} {group}: its pods cannot reach the head's GCS port {GCS_PORT}")
+            account = template["spec"].get("serviceAccountName")
+            annotations = (accounts.get(account) or {}).get("metadata", {}).get("annotations") or {}
+            if not any(a in annotations for a in WORKLOAD_IDENTITY):
+                problems.append(
+                    f"{where} {group}: runs as ServiceAccount {account!r}, which is not one of {folder.name}/ "
+                    f"with a workload identity annotation ({', '.join(WORKLOAD_IDENTITY)})"
+                )
+        outsider = {"app": "anything-else"}
+        for port in (GCS_PORT, DASHBOARD_PORT, CLIENT_PORT):
+            if ingress_allowed(policies, head_labels, outsider, port):
+                problems.append(f"{where}: the head's port {port} accepts any pod of the namespace")
+        for port in METRICS_PORTS:
+            if not ingress_allowed(policies, head_labels, PROMETHEUS[1], port, PROMETHEUS[0]):
+                problems.append(f"{where}: Prometheus cannot scrape the head's metrics port {port}")
+        if not ingress_allowed(policies, head_labels, OPERATOR[1], DASHBOARD_PORT, OPERATOR[0]):
+            problems.append(
+                f"{where}: the KubeRay operator cannot read the job's status on port {DASHBOARD_PORT}"
+            )
+        submitter = submitter_template(doc)
+        if doc.get("kind") in ("RayJob", "RayCronJob"):
+            labels = ((submitter or {}).get("metadata") or {}).get("labels") or {}
+            if not ingress_allowed(policies, head_labels, labels, DASHBOARD_PORT):
+                problems.append(f"{where}: the submitter pod {labels} cannot reach the head's jobs API")
+            for port in (GCS_PORT, CLIENT_PORT):
+                if ingress_allowed(policies, head_labels, labels, port):
+                    problems.append(
+                        f"{where}: the submitter pod reaches the head's port {port} (it needs 8265 only)"
+                    )
+            for container in ((submitter or {}).get("spec") or {}).get("containers") or []:
+                if container.get("envFrom") or any("valueFrom" in e for e in container.get("env") or []):
+                    problems.append(f"{where}: the submitter container {container['name']} gets a Secret")
+    return problems
+
+
+def test_every_ray_cluster_requires_a_token_and_is_closed_to_other_pods():
+    clusters = [(name, doc) for name, doc in DOCUMENTS if ray_cluster_specs(doc)]
+    assert len(clusters) >= 2, [name for name, _ in DOCUMENTS]
+    assert {name: security_problems(doc) for name, doc in clusters} == {name: [] for name, _ in clusters}
+
+
+def test_the_network_policy_opens_what_the_audit_needs_and_nothing_else():
+    policies = [doc for _, doc in DOCUMENTS if doc["kind"] == "NetworkPolicy"]
+    ray = {"app.kubernetes.io/name": "auditor", "app.kubernetes.io/component": "ray"}
+    submitter = {"app.kubernetes.io/name": "auditor", "app.kubernetes.io/component": "ray-job-submitter"}
+    for port in (GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, 12345):  # 12345: a worker or object-manager port
+        assert ingress_allowed(policies, ray, ray, port)
+        assert not ingress_allowed(policies, ray, {"app.kubernetes.io/name": "auditor"}, port)
+        # the same labels in another namespace: another team's pod
+        assert not ingress_allowed(policies, ray, ray, port, {"kubernetes.io/metadata.name": "other"})
+        assert not ingress_allowed(policies, ray, PROMETHEUS[1], port, PROMETHEUS[0])
+    assert ingress_allowed(policies, ray, submitter, DASHBOARD_PORT)
+    assert not ingress_allowed(policies, ray, submitter, GCS_PORT)
+    assert not ingress_allowed(policies, ray, OPERATOR[1], GCS_PORT, OPERATOR[0])
+    # Prometheus in its own namespace only, on the metrics ports only
+    assert all(ingress_allowed(policies, ray, PROMETHEUS[1], p, PROMETHEUS[0]) for p in METRICS_PORTS)
+    assert not ingress_allowed(policies, ray, PROMETHEUS[1], METRICS_PORTS[0])
+    # pods that are not Ray's are not this policy's business
+    assert ingress_allowed(policies, {"app": "web"}, {"app": "x"}, 80)
+
+
+def test_the_selector_and_ingress_helpers_follow_kubernetes():
+    assert selects({}, {"a": "1"}) and selects(None, {})
+    assert selects({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]}, {"a": "2"})
+    assert not selects({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {"a": "1"})
+    assert selects({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {"b": "1"})
+    assert not selects(
+        {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "Exists"}]}, {"a": "1"}
+    )
+    deny_all = [{"spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}]
+    assert not ingress_allowed(deny_all, {"x": "y"}, {"x": "y"}, 80)
+    allow_all = [{"spec": {"podSelector": {}, "ingress": [{}]}}]
+    assert ingress_allowed(allow_all, {"x": "y"}, {}, 80, {"kubernetes.io/metadata.name": "elsewhere"})
+    egress_only = [{"spec": {"podSelector": {}, "policyTypes": ["Egress"]}}]
+    assert ingress_allowed(egress_only, {"x": "y"}, {}, 80)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda docs: docs[0]["spec"]["rayClusterSpec"].pop("authOptions"), "authOptions.mode is None"),
+        (
+            lambda docs: docs[0]["spec"]["rayClusterSpec"].update(authOptions={"mode": "disabled"}),
+            "authOptions.mode is 'disabled'",
+        ),
+        (
+            lambda docs: docs[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["metadata"][
+                "labels"
+            ].pop("app.kubernetes.io/component"),
+            "gpu: no NetworkPolicy in kuberay/ selects its pods",
+        ),
+        (
+            lambda docs: (
+                _head_container(docs[0]).__setitem__(
+                    "envFrom", [{"secretRef": {"name": "auditor-s3-credentials"}}]
+                )
+                or docs[0]["spec"]["submitterPodTemplate"]["spec"]["containers"][0].__setitem__(
+                    "envFrom", [{"secretRef": {"name": "auditor-s3-credentials"}}]
+                )
+            ),
+            "the submitter container ray-job-submitter gets a Secret",
+        ),
+        (
+            lambda docs: docs[0]["spec"]["submitterPodTemplate"]["metadata"].pop("labels"),
+            "the submitter pod {} cannot reach the head's jobs API",
+        ),
+        (
+            lambda docs: docs[0]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].pop(
+                "serviceAccountName"
+            ),
+            "head: runs as ServiceAccount None",
+        ),
+    ],
+    ids=[
+        "no-auth",
+        "auth-disabled",
+        "unlabelled-workers",
+        "secret-in-submitter",
+        "unlabelled-submitter",
+        "no-sa",
+    ],
+)
+def test_an_open_cluster_is_reported(tmp_path, edit, match):
+    folder = tmp_path / "kuberay"
+    shutil.copytree(MANIFESTS, folder)
+    docs = load_documents(folder / "rayjob-audit.yaml")
+    edit(docs)
+    (folder / "rayjob-audit.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    problems = security_problems(load_documents(folder / "rayjob-audit.yaml")[0], folder)
+    assert len(problems) == 1, problems
+    assert match in problems[0]
+
+
+def test_an_open_network_policy_is_reported(tmp_path):
+    folder = tmp_path / "kuberay"
+    shutil.copytree(MANIFESTS, folder)
+    docs = load_documents(folder / "auditor-namespace.yaml")
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    policy["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]})  # from anyone
+    (folder / "auditor-namespace.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    problems = security_problems(load_documents(folder / "rayjob-audit.yaml")[0], folder)
+    assert problems == ["spec.rayClusterSpec: the head's port 8265 accepts any pod of the namespace"]

@@ -48,3 +48,12 @@ def test_scores_from_other_batches_are_compared_with_the_shared_tolerance():
                 if tolerance < 1e-5 and "same batch" not in line and "TIGHTER_THAN" not in line:
                     offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, "use tests.scores_close.assert_scores_close:\n" + "\n".join(offenders)
+
+
+def test_no_two_test_modules_share_a_name():
+    """Without __init__.py files pytest imports test modules by their base name: two of one name stop the whole
+    suite's collection (it happened: unit/ and integration/ each had a test_ray_auth.py)."""
+    names: dict[str, list[str]] = {}
+    for path in sorted(Path(__file__).parents[1].rglob("test_*.py")):
+        names.setdefault(path.name, []).append(str(path.parent.name))
+    assert {name: dirs for name, dirs in names.items() if len(dirs) > 1} == {}
