@@ -83,6 +83,9 @@ def test_audit_tars_then_clean_them(ray_local, tmp_path, micro_model_dir, micro_
     )
     flagged = {r["id"].rsplit(":", 1)[1] for r in rows if r["flagged"]}
     assert 0 < len(flagged) < 24
+    # A rerun skips the complete shards (the ledger knows each as one unit) and tries the broken one again.
+    again = run(cfg)
+    assert again.files_skipped == 3 and list(again.failed) == [str(tmp_path / "in" / "00002.tar")]
     # The same shards read from their sidecar where one is beside: the same ids, captions and scores.
     sidecar_cfg = dataclasses.replace(cfg, output=str(tmp_path / "out-sidecar"), read_sidecars=True)
     assert run(sidecar_cfg).exit_code == 1
@@ -268,3 +271,47 @@ def test_img2dataset_shards_read_from_tars_and_sidecars_alike(tmp_path):
         )
     assert read[False] == read[True]
     assert sorted(c for _, c in read[False]) == sorted(texts[:10])  # the 3 failed downloads count nowhere
+
+
+def test_cleaning_a_gzipped_shard_on_s3_writes_it_whole(s3_endpoint, tmp_path):
+    """filter_file (one Ray task's work, called here without Ray) on a bucket: the cleaned .tar.gz appears under its
+    own name, gzipped, only once it is whole (no temporary object left), and a rerun replaces it."""
+    import gzip
+
+    import s3fs
+
+    from auditor.io.inputs import list_inputs
+    from auditor.io.parquet import SCORES_DIR, shard_dir
+    from auditor.pipeline.filter import filter_file
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir("wds-clean")
+    with wds.TarWriter(str(tmp_path / "00000.tar.gz")) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"k{i}", "txt": f"caption {i}", "jpg": os.urandom(500)})
+    fs.put_file(str(tmp_path / "00000.tar.gz"), "wds-clean/in/00000.tar.gz")
+    options = {"endpoint_url": s3_endpoint}
+    [file] = list_inputs(("s3://wds-clean/in/",), None, options)
+    # The audit's verdicts for this shard, as an audit writes them (one part file under scores/shard=<key>/).
+    folder = Path(shard_dir(str(tmp_path / "audit" / SCORES_DIR), file.shard))
+    folder.mkdir(parents=True)
+    ids = [f"{file.source}:k{i}" for i in range(5)]
+    pq.write_table(
+        pa.table({schema.ID: ids, schema.FLAGGED: [i in (1, 3) for i in range(5)],
+                  schema.SCORE: pa.array([0.1] * 5, pa.float32())}),
+        folder / "part-u000000.parquet",
+    )  # fmt: skip
+    cfg = FilterConfig(inputs=("s3://wds-clean/in/",), audit_output=str(tmp_path / "audit"),
+                       output="s3://wds-clean/clean", storage_options=options, quiet=True)  # fmt: skip
+    for _ in range(2):
+        summary = filter_file(cfg, None, file)
+        assert summary["error"] is None and (summary["rows"], summary["flagged"], summary["written"]) == (
+            5,
+            2,
+            3,
+        )
+        assert fs.ls("wds-clean/clean") == ["wds-clean/clean/00000.tar.gz"]
+    local = tmp_path / "clean.tar.gz"
+    fs.get_file("wds-clean/clean/00000.tar.gz", str(local))
+    assert gzip.decompress(local.read_bytes())[:5] != b""  # gzipped as the input was
+    assert [s["__key__"] for s in wds.WebDataset(str(local), shardshuffle=False)] == ["k0", "k2", "k4"]
