@@ -2,9 +2,9 @@
 
 A parquet file is cut into units of whole row groups, at most `unit_rows` rows each (a row group larger than that
 is a unit of its own); its footer gives every unit's first row, so ids `<source>:<row>` do not depend on the cut.
-A jsonl/csv/tsv/txt file is one unit: its row numbers count lines, which only a read from the start can know, so
-cutting it would mean reading every earlier unit again (and jsonl/csv rows may span lines). Convert large text
-inputs to parquet to get units.
+A jsonl/csv/tsv/txt file or a WebDataset tar is one unit: its row numbers count lines (samples), which only a
+read from the start can know, so cutting it would mean reading every earlier unit again (and jsonl/csv rows may
+span lines). Convert large text inputs to parquet to get units. Which units a file has: auditor.io.readers.units_of.
 """
 
 from __future__ import annotations
