@@ -349,7 +349,7 @@ def pair_sidecars(files: list[InputFile], read_sidecars: bool) -> list[InputFile
             "sidecars, as --read-sidecars asks" if read_sidecars else "tars",
             "only rows with status success, the samples the tar holds"
             if read_sidecars
-            else "what a trainer reads; --read-sidecars reads the parquet, about a thousandth of the bytes",
+            else "what the trainer reads; `auditor audit --read-sidecars` reads the parquets, a thousandth of the bytes",
         )
     return kept
 
