@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-FORMATS = ("parquet", "jsonl", "csv", "tsv", "txt")
+FORMATS = ("parquet", "jsonl", "csv", "tsv", "txt", "webdataset")
 # A file's format from how its name ends. `.json` is JSON lines too (one object per line), as most caption dumps
 # named .json are; a file holding one JSON array is refused with the command that converts it.
 EXTENSIONS = {
@@ -18,10 +18,15 @@ EXTENSIONS = {
     ".csv": "csv",
     ".tsv": "tsv",
     ".txt": "txt",
+    ".tar": "webdataset",
 }
+# Names that are a format and a codec in one extension.
+COMPOUND_EXTENSIONS = {".tgz": ".tar.gz"}
 # Formats read front to back as a byte stream, which a codec can wrap; parquet compresses inside the file and needs
 # random access, so `captions.parquet.gz` is not an input.
 TEXT_FORMATS = ("jsonl", "csv", "tsv", "txt")
+# Formats a codec can wrap: the text ones and WebDataset tars (`shard.tar.gz`, `shard.tgz`).
+STREAM_FORMATS = (*TEXT_FORMATS, "webdataset")
 # Codecs by the extension after the format's (`captions.jsonl.gz`), under the names fsspec decompresses them by
 # (zstd through backports.zstd before Python 3.14, compression.zstd from it on).
 CODEC_EXTENSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "xz"}
@@ -29,7 +34,7 @@ CODEC_EXTENSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "xz"}
 NO_COMPRESSION = "none"
 COMPRESSIONS = (*CODEC_EXTENSIONS.values(), NO_COMPRESSION)
 # What --format accepts: a format, or a text format with a codec extension (`jsonl.gz`).
-FORMAT_NAMES = (*FORMATS, *(f"{f}{ext}" for f in TEXT_FORMATS for ext in CODEC_EXTENSIONS))
+FORMAT_NAMES = (*FORMATS, *(f"{f}{ext}" for f in STREAM_FORMATS for ext in CODEC_EXTENSIONS))
 
 
 # URLs whose query and fragment are no part of the file's name: a signed URL's extension is before its `?`
@@ -44,9 +49,18 @@ def url_path(name: str) -> str:
     return name
 
 
-def codec_of(name: str) -> str | None:
-    """The codec a file name's last extension names ('a.jsonl.gz' -> 'gzip'), or None."""
+def _lowered(name: str) -> str:
+    """The name lower-cased, without an http(s) query, compound extensions spelled out ('a.tgz' -> 'a.tar.gz')."""
     lowered = url_path(name).lower()
+    for short, long in COMPOUND_EXTENSIONS.items():
+        if lowered.endswith(short):
+            return lowered[: -len(short)] + long
+    return lowered
+
+
+def codec_of(name: str) -> str | None:
+    """The codec a file name's last extension names ('a.jsonl.gz' -> 'gzip', 'a.tgz' -> 'gzip'), or None."""
+    lowered = _lowered(name)
     return next((codec for ext, codec in CODEC_EXTENSIONS.items() if lowered.endswith(ext)), None)
 
 
@@ -55,11 +69,11 @@ def split_name(name: str) -> tuple[str | None, str | None]:
     when the name is no input format, compressed parquet included.
     """
     codec = codec_of(name)
-    lowered = url_path(name).lower()
+    lowered = _lowered(name)
     if codec is not None:
         lowered = lowered[: lowered.rfind(".")]
     fmt = next((f for ext, f in EXTENSIONS.items() if lowered.endswith(ext)), None)
-    if fmt is None or (codec is not None and fmt not in TEXT_FORMATS):
+    if fmt is None or (codec is not None and fmt not in STREAM_FORMATS):
         return None, None
     return fmt, codec
 

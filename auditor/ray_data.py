@@ -74,11 +74,34 @@ def _caption_array(values: Any) -> tuple[pa.Array, pa.Array]:
     except (
         pa.ArrowInvalid,
         pa.ArrowTypeError,
-    ):  # mixed Python objects: strings stay, the rest is not a string
+    ):  # mixed Python objects: strings and bytes stay, the rest is not a string
         items = list(values)
+        if any(isinstance(v, bytes) for v in items) and all(
+            isinstance(v, str | bytes) or v is None for v in items
+        ):
+            return pa.array([v.encode() if isinstance(v, str) else v for v in items], pa.binary()), pa.nulls(
+                len(items), pa.bool_()
+            )
         captions = pa.array([v if isinstance(v, str) else None for v in items], pa.string())
         mask = [not isinstance(v, str) and v is not None and v == v for v in items]  # v != v: NaN, a null
         return captions, pa.array(mask, pa.bool_())
+
+
+def _decoded(caption: pa.Array | pa.ChunkedArray) -> tuple[pa.Array | pa.ChunkedArray, list[bool] | None]:
+    """Bytes captions as UTF-8 text (a WebDataset `txt` member as `ray.data.read_webdataset(decoder=None)` gives
+    it); bytes that are not UTF-8 become null, True in the mask (None: the captions were not bytes)."""
+    if not (pa.types.is_binary(caption.type) or pa.types.is_large_binary(caption.type)):
+        return caption, None
+    texts: list[str | None] = []
+    bad: list[bool] = []
+    for value in caption.to_pylist():
+        try:
+            texts.append(None if value is None else value.decode("utf-8"))
+            bad.append(False)
+        except UnicodeDecodeError:
+            texts.append(None)
+            bad.append(True)
+    return pa.array(texts, pa.string()), bad
 
 
 class MemorizationScorer:
@@ -120,11 +143,16 @@ class MemorizationScorer:
             values = values.to_numpy(dtype=object)
         # 2. Score the captions alone, through the audit's tokenize stage and score actor.
         caption, not_string = _caption_array(values)
+        caption, not_utf8 = _decoded(caption)
         n = len(caption)
         caption, status, error = string_captions(
             caption, self.config.caption_column, pa.nulls(n, pa.string()), pa.nulls(n, pa.string())
         )
         status = pc.if_else(pc.fill_null(not_string, False), schema.NOT_STRING, status)
+        if not_utf8 is not None and any(not_utf8):
+            mask = pa.array(not_utf8, pa.bool_())
+            status = pc.if_else(mask, schema.BAD_RECORD, status)
+            error = pc.if_else(mask, pa.scalar("caption bytes are not UTF-8 text"), error)
         status = pc.coalesce(status, pa.scalar(schema.OK))
         scored = self.actor(pa.table({schema.CAPTION: caption, schema.STATUS: status, schema.ERROR: error}))
         results = {

@@ -12,12 +12,16 @@ Apply an audit's flags to the dataset it audited. Streams DATASET with Ray Data 
 OUT/<path under DATASET>.parquet, one file per input file:
   --mode drop  leave flagged rows out (rows the audit has no record of are kept and counted as unaudited)
   --mode mark  keep every row, add memorization_flag (bool) and memorization_score (float32)
+WebDataset shards (.tar, .tar.gz) are cleaned as shards: --mode drop writes OUT/<same path>, a tar holding every
+sample not flagged, each kept member's bytes and header in the original order (a sidecar parquet beside it is
+written without the dropped rows); --mode mark leaves the tars and writes OUT/<stem>.parquet keyed by __key__.
 Counts go to OUT/_filter.json. Exit code 1 when a file failed or had no audit results.
 """
 
 EPILOG = """\
 examples:
   auditor filter captions/ runs/audit1 runs/clean
+  auditor filter 's3://b/laion/{00000..01023}.tar' s3://b/audits/laion s3://b/laion-clean
   auditor filter s3://b/captions/ s3://b/audits/run1 s3://b/marked --mode mark \\
       --storage-option endpoint_url=http://127.0.0.1:9000
 """

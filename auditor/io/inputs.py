@@ -8,6 +8,7 @@ The listing is fsspec's own (`find`, `glob`); a file's format and codec come fro
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,8 +29,9 @@ from auditor.formats import (
     CODEC_EXTENSIONS,
     EXTENSIONS,
     QUERY_SCHEMES,
-    TEXT_FORMATS,
+    STREAM_FORMATS,
     resolve_format,
+    strip_extensions,
     url_path,
 )
 from auditor.io.storage import filesystem_for, to_uri
@@ -53,7 +55,13 @@ logger = logging.getLogger(__name__)
 # OSError (gzip BadGzipFile, bz2 "Invalid data stream"), the codecs' own errors.
 DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, *([ZstdError] if ZstdError else []))
 GLOB_CHARS = re.compile(r"[*?\[]")
+# Brace groups in INPUT: `{00000..01023}` or `{a,b}` (a `{` in a name without `..` or `,` stays as it is).
+BRACE = re.compile(r"\{([^{}]*)\}")
+MAX_BRACE_NAMES = 1_000_000
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+WEBDATASET_FORMAT = "webdataset"
+# A WebDataset shard read from its sidecar parquet: not a --format (a listing finds it beside its tar).
+SIDECAR_FORMAT = "webdataset_sidecar"
 # txt files have one column: the caption. Named like Ray Data's read_text column.
 TXT_COLUMN = "text"
 # A JSON-lines file has no header: its columns are the keys of its first records, this many non-blank lines. A
@@ -84,6 +92,9 @@ class InputFile:
     shard: str
     identity: str = ""
     compression: str | None = None  # fsspec's codec name (gzip, bz2, zstd, xz); None: read as it is
+    # A WebDataset shard's sidecar parquet (img2dataset's `00000.parquet` beside `00000.tar`), its path as `path`
+    # is; "" when it has none. Read instead of the tar when the format is SIDECAR_FORMAT.
+    sidecar: str = ""
 
 
 # Listing fields that change whenever an object's content does, in order of preference: content hashes first
@@ -144,6 +155,73 @@ def _names_file(path: str, fmt: str | None) -> bool:
     )
 
 
+def expand_braces(spec: str) -> list[str]:
+    """The names a spec's brace groups stand for, as webdataset users write shard lists: `{00000..01023}` (zero-padded
+    to its bounds' width when one starts with 0) and `{a,b}`; several groups multiply. A spec without one is itself.
+    Raises ConfigError for a reversed range or more than MAX_BRACE_NAMES names."""
+    match = next((m for m in BRACE.finditer(spec) if ".." in m.group(1) or "," in m.group(1)), None)
+    if match is None:
+        return [spec]
+    body = match.group(1)
+    bounds = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if bounds:
+        low, high = int(bounds.group(1)), int(bounds.group(2))
+        padded = any(b.startswith("0") and len(b) > 1 for b in bounds.groups())
+        width = max(len(b) for b in bounds.groups()) if padded else 0
+        if low > high or high - low >= MAX_BRACE_NAMES:
+            raise ConfigError(
+                f"INPUT {redact_uri(spec)}: the range {{{body}}} must go up, from START to END (at most "
+                f"{MAX_BRACE_NAMES} names), as in {{00000..01023}}."
+            )
+        options = [str(i).zfill(width) for i in range(low, high + 1)]
+    elif ".." in body and "," not in body:
+        raise ConfigError(
+            f"INPUT {redact_uri(spec)}: {{{body}}} is no range; a brace range is {{START..END}} of digits "
+            "({00000..01023}); {a,b} lists names."
+        )
+    else:
+        options = body.split(",")
+    names = [
+        name
+        for option in options
+        for name in expand_braces(spec[: match.start()] + option + spec[match.end() :])
+    ]
+    if len(names) > MAX_BRACE_NAMES:
+        raise ConfigError(f"INPUT {redact_uri(spec)} names {len(names)} files; at most {MAX_BRACE_NAMES}.")
+    return names
+
+
+def _list_expanded(fs: AbstractFileSystem, path: str, shown: str) -> dict[str, dict[str, Any]]:
+    """What a brace spec names, from one listing per folder (not a request per name): files as they are,
+    folders with everything under them. Raises ConfigError naming the names that do not exist."""
+    names = list(dict.fromkeys(expand_braces(path)))
+    by_parent: dict[str, list[str]] = {}
+    for name in names:
+        by_parent.setdefault(name.rstrip("/").rsplit("/", 1)[0], []).append(name.rstrip("/"))
+    candidates: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
+    for parent, wanted in by_parent.items():
+        try:
+            listed = {entry["name"].rstrip("/"): entry for entry in fs.ls(parent, detail=True)}
+        except FileNotFoundError:
+            listed = {}
+        for name in wanted:
+            entry = listed.get(name)
+            if entry is None:
+                missing.append(name)
+            elif entry.get("type") == "directory":
+                candidates.update(fs.find(name, detail=True))
+            else:
+                candidates[name] = entry
+    if missing:
+        raise ConfigError(
+            f"INPUT {shown}: {len(missing)} of the {len(names)} names its braces stand for do not exist: "
+            f"{', '.join(redact_uri(m) for m in missing[:3])}{', ...' if len(missing) > 3 else ''}. Fix the range, "
+            "or name only shards that exist."
+        )
+    return candidates
+
+
 def _hidden(path: str) -> bool:
     return path.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_"))
 
@@ -153,21 +231,28 @@ def _file_format(
 ) -> tuple[str | None, str | None]:
     """(format, codec) of one listed file; raises ConfigError for parquet with a codec (it needs random access)."""
     file_format, codec = resolve_format(path, fmt, compression)
-    if file_format is not None and codec is not None and file_format not in TEXT_FORMATS:
+    if file_format is not None and codec is not None and file_format not in STREAM_FORMATS:
         raise ConfigError(
             f"INPUT {spec}: {redact_uri(path)} would be read as compressed {file_format} ({codec}), but only "
-            f"{', '.join(TEXT_FORMATS)} files can be compressed (parquet compresses inside the file). Decompress "
+            f"{', '.join(STREAM_FORMATS)} files can be compressed (parquet compresses inside the file). Decompress "
             "it, or pass --compression none if it is not compressed."
         )
     return file_format, codec
 
 
 def list_inputs(
-    specs: tuple[str, ...], fmt: str | None, storage_options: dict[str, Any], compression: str | None = None
+    specs: tuple[str, ...],
+    fmt: str | None,
+    storage_options: dict[str, Any],
+    compression: str | None = None,
+    read_sidecars: bool = False,
 ) -> list[InputFile]:
     """Every input file the specs name, sorted by source, each once, with its identity from the same listing
     (one listing call per spec, no per-file request). fmt / compression: --format (a FORMATS name) and
     --compression (a COMPRESSIONS name), None to go by extension. Raises ConfigError when nothing is found.
+
+    WebDataset shards with a sidecar parquet (pair_sidecars): the parquet is no input of its own; read_sidecars
+    reads it instead of the tar, under the tar's name.
     """
     found: dict[str, InputFile] = {}
     for spec in specs:
@@ -176,7 +261,10 @@ def list_inputs(
         try:
             # An http(s) URL's query is no glob ('?'), and a URL that names a file is one: fsspec's isdir would
             # download it whole to look for links.
-            if GLOB_CHARS.search(url_path(path)):
+            if expand_braces(path) != [path]:
+                root = path[: path.index("{")].rsplit("/", 1)[0]
+                candidates = _list_expanded(fs, path, shown)
+            elif GLOB_CHARS.search(url_path(path)):
                 root = GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0]
                 listed = fs.glob(path, detail=True)
                 candidates = {p: i for p, i in listed.items() if i.get("type") == "file"}
@@ -186,9 +274,9 @@ def list_inputs(
             elif fs.isfile(path):
                 if _file_format(shown, path, fmt, compression)[0] is None:
                     raise ConfigError(
-                        f"INPUT {shown} has an unknown extension; name it .parquet, .jsonl, .json, .csv, .tsv or "
-                        f".txt, the text ones optionally compressed ({', '.join(CODEC_EXTENSIONS)}: "
-                        "captions.jsonl.gz), or pass --format."
+                        f"INPUT {shown} has an unknown extension; name it .parquet, .jsonl, .json, .csv, .tsv, "
+                        f".txt or .tar (WebDataset), the text ones and tars optionally compressed "
+                        f"({', '.join(CODEC_EXTENSIONS)}: captions.jsonl.gz, shard.tar.gz), or pass --format."
                     )
                 root, candidates = url_path(path).rsplit("/", 1)[0], {path: fs.info(path)}
             else:
@@ -222,7 +310,48 @@ def list_inputs(
                 f"also followed by {', '.join(CODEC_EXTENSIONS)}; hidden and _ names skipped); pass --format to "
                 "read other names."
             )
-    return [found[s] for s in sorted(found)]
+    return pair_sidecars([found[s] for s in sorted(found)], read_sidecars)
+
+
+def pair_sidecars(files: list[InputFile], read_sidecars: bool) -> list[InputFile]:
+    """img2dataset's layout: `00000.tar`, `00000.parquet` (one row per URL tried: key, caption, status) and
+    `00000_stats.json` side by side. Such a parquet is the tar's sidecar, not an input: the shard is read one way,
+    never both (its tar by default, its sidecar with read_sidecars), always under the tar's name, so ids, the
+    ledger and outputs are the same either way. `<stem>_stats.json` beside a tar is img2dataset's shard summary,
+    not captions."""
+    shards = {strip_extensions(f.source): f for f in files if f.format == WEBDATASET_FORMAT}
+    if not shards:
+        return files
+    sidecars = {
+        strip_extensions(f.source): f
+        for f in files
+        if f.format == "parquet" and strip_extensions(f.source) in shards
+    }
+    stats = {f"{stem}_stats" for stem in shards}
+    kept: list[InputFile] = []
+    for f in files:
+        stem = strip_extensions(f.source)
+        if f.format != WEBDATASET_FORMAT and (stem in sidecars or (stem in stats and f.format == "jsonl")):
+            continue
+        if f.format == WEBDATASET_FORMAT and stem in sidecars:
+            sidecar = sidecars[stem]
+            f = dataclasses.replace(f, sidecar=sidecar.path)
+            if read_sidecars:
+                f = dataclasses.replace(
+                    f, path=sidecar.path, format=SIDECAR_FORMAT, identity=sidecar.identity, compression=None
+                )
+        kept.append(f)
+    if sidecars:
+        logger.info(
+            "%d of %d WebDataset shards have a sidecar parquet (img2dataset's layout): reading their %s (%s)",
+            len(sidecars),
+            len(shards),
+            "sidecars, as --read-sidecars asks" if read_sidecars else "tars",
+            "only rows with status success, the samples the tar holds"
+            if read_sidecars
+            else "what the trainer reads; `auditor audit --read-sidecars` reads the parquets, a thousandth of the bytes",
+        )
+    return kept
 
 
 def peek_columns(fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str] | None:

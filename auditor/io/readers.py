@@ -1,5 +1,6 @@
-"""Stream one input file as Arrow tables with a row index, for parquet, jsonl, csv/tsv and txt (the text formats
-also compressed: fsspec decompresses them on the fly). pyarrow/fsspec only.
+"""Stream one input file as Arrow tables with a row index: one reader class per format (parquet, jsonl, csv/tsv,
+txt here, WebDataset tars in auditor.io.webdataset), registered in READERS; the text formats and tars also
+compressed (fsspec decompresses them on the fly). pyarrow/fsspec only.
 
 A file is read front to back so every row gets its index in the file (`row`), which synthetic ids need.
 Row numbering: parquet and csv/tsv count data rows (no header); jsonl counts non-blank lines; txt counts every line,
@@ -28,6 +29,7 @@ from fsspec.spec import AbstractFileSystem
 
 from auditor import schema
 from auditor.errors import InputDataError
+from auditor.io.format_reader import ERROR_FIELD, STATUS_FIELD, SYNTHETIC_ID_FIELD, FormatReader
 from auditor.io.inputs import (
     DECOMPRESSION_ERRORS,
     KEY_CHECK_RECORDS,
@@ -39,6 +41,8 @@ from auditor.io.inputs import (
     missing_columns_error,
     open_input,
 )
+from auditor.io.units import WorkUnit, row_group_units
+from auditor.io.webdataset import SidecarReader, WebDatasetReader
 
 logger = logging.getLogger(__name__)
 
@@ -173,94 +177,6 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-# Captions for the audit ------------------------------------------------------------------------------------------
-def read_caption_batches(
-    fs: AbstractFileSystem,
-    file: InputFile,
-    caption_column: str,
-    id_column: str | None = None,
-    keep_columns: tuple[str, ...] = (),
-    batch_rows: int = DEFAULT_BATCH_ROWS,
-    row_groups: Sequence[int] | None = None,
-    first_row: int = 0,
-) -> Iterator[pa.Table]:
-    """Tables of READ_SCHEMA + keep columns. status is OK, NOT_STRING or BAD_RECORD; null/empty captions stay OK
-    here (the tokenize stage names them). Raises InputDataError (or the reader's own error) if the file is unusable.
-
-    row_groups (parquet only): read just these row groups, whose first row in the file is first_row (a work unit);
-    None reads the whole file.
-    """
-    caption_column = TXT_COLUMN if file.format == "txt" else caption_column
-    wanted = [caption_column, *([id_column] if id_column else []), *keep_columns]
-    if file.format == "txt" and (id_column or keep_columns):
-        raise InputDataError(
-            f"{file.source} is a txt file (captions only); --id-column/--keep-columns do not apply."
-        )
-    start = first_row
-    with _decompressing(file):
-        for table in _caption_tables(fs, file, wanted, batch_rows, row_groups):
-            missing = [c for c in wanted if c not in table.column_names]
-            if missing and file.format in ("parquet", "csv", "tsv"):
-                raise InputDataError(missing_columns_error(file, missing, table.column_names))
-            yield _normalise(table, file, caption_column, id_column, keep_columns, start)
-            start += table.num_rows
-
-
-def _caption_tables(
-    fs: AbstractFileSystem,
-    file: InputFile,
-    wanted: list[str],
-    batch_rows: int,
-    row_groups: Sequence[int] | None = None,
-) -> Iterator[pa.Table]:
-    """Raw tables with the wanted columns plus optional _status/_error columns from line-based formats."""
-    if file.format == "parquet":
-        with fs.open(file.path, "rb") as fh:
-            parquet = pq.ParquetFile(fh)
-            names = parquet.schema_arrow.names
-            missing = [c for c in wanted if c not in names]
-            if missing:
-                raise InputDataError(missing_columns_error(file, missing, names))
-            groups = list(range(parquet.num_row_groups)) if row_groups is None else list(row_groups)
-            if not groups:
-                return
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted, row_groups=groups):
-                yield pa.Table.from_batches([batch])
-    elif row_groups is not None and list(row_groups):
-        raise InputDataError(f"{file.source}: row groups exist only in parquet, not in {file.format}.")
-    elif file.format in ("csv", "tsv"):
-        for table in _csv_batches(fs, file, wanted):
-            for offset in range(0, table.num_rows, batch_rows):
-                yield table.slice(offset, batch_rows)
-    elif file.format == "jsonl":
-        # No header: the first records stand for one, so a key none of them has fails the file as a missing csv
-        # column does, before any row is read on (inputs.KEY_CHECK_RECORDS).
-        lines = _jsonl_records(fs, file)
-        head = list(itertools.islice(lines, KEY_CHECK_RECORDS))
-        keys = list(dict.fromkeys(k for record, _ in head if record is not None for k in record))
-        missing = [c for c in wanted if c not in keys]
-        if missing and any(record is not None for record, _ in head):
-            raise InputDataError(missing_columns_error(file, missing, keys))
-        for chunk in _chunks(itertools.chain(head, lines), batch_rows):
-            columns: dict[str, pa.Array] = {}
-            for name in wanted:
-                values = [None if r is None else r.get(name) for r, _ in chunk]
-                columns[name] = values  # type: ignore[assignment]
-            yield _jsonl_table(columns, [e for _, e in chunk], wanted[0])
-    elif file.format == "txt":
-        for chunk in _chunks(_txt_lines(fs, file), batch_rows):
-            errors = [e for _, e in chunk]
-            yield pa.table(
-                {
-                    TXT_COLUMN: pa.array([c for c, _ in chunk], type=pa.string()),
-                    "_status": pa.array([schema.BAD_RECORD if e else None for e in errors], type=pa.string()),
-                    "_error": pa.array(errors, type=pa.string()),
-                }
-            )
-    else:
-        raise InputDataError(f"{file.source}: unknown format {file.format!r}.")
-
-
 def _jsonl_table(
     columns: dict[str, list[Any]], line_errors: list[str | None], caption_column: str
 ) -> pa.Table:
@@ -285,8 +201,8 @@ def _jsonl_table(
         )
         for name, values in columns.items()
     }
-    arrays["_status"] = pa.array(status, type=pa.string())
-    arrays["_error"] = pa.array(errors, type=pa.string())
+    arrays[STATUS_FIELD] = pa.array(status, type=pa.string())
+    arrays[ERROR_FIELD] = pa.array(errors, type=pa.string())
     return pa.table(arrays)
 
 
@@ -319,10 +235,13 @@ def _normalise(
 ) -> pa.Table:
     n = table.num_rows
     rows = pa.array(range(start, start + n), type=pa.int64())
-    status = table.column("_status") if "_status" in table.column_names else pa.nulls(n, pa.string())
-    error = table.column("_error") if "_error" in table.column_names else pa.nulls(n, pa.string())
+    status = table.column(STATUS_FIELD) if STATUS_FIELD in table.column_names else pa.nulls(n, pa.string())
+    error = table.column(ERROR_FIELD) if ERROR_FIELD in table.column_names else pa.nulls(n, pa.string())
     caption, status, error = string_captions(table.column(caption_column), caption_column, status, error)
-    synthetic = pa.array([f"{file.source}:{r}" for r in range(start, start + n)], type=pa.string())
+    if SYNTHETIC_ID_FIELD in table.column_names:
+        synthetic = table.column(SYNTHETIC_ID_FIELD)
+    else:
+        synthetic = pa.array([f"{file.source}:{r}" for r in range(start, start + n)], type=pa.string())
     if id_column:
         ids = table.column(id_column)
         ids = ids.cast(pa.string()) if not pa.types.is_string(ids.type) else ids
@@ -342,22 +261,38 @@ def _normalise(
     return pa.table(columns)
 
 
-# Whole records for `auditor filter` -----------------------------------------------------------------------------
-def read_record_batches(
-    fs: AbstractFileSystem, file: InputFile, batch_rows: int = DEFAULT_BATCH_ROWS
-) -> Iterator[tuple[pa.Table, pa.Array]]:
-    """(table of all columns, row indices (int64)) per batch. jsonl lines that are not objects are skipped
-    (the audit recorded them as bad_record); their row indices are skipped with them.
-    """
-    with _decompressing(file):
-        yield from _record_batches(fs, file, batch_rows)
+# One reader per format ----------------------------------------------------------------------------------------
+class ParquetReader(FormatReader):
+    name = "parquet"
+    header_columns = True
 
+    def units(self, fs: AbstractFileSystem, file: InputFile, unit_rows: int) -> list[WorkUnit]:
+        return row_group_units(fs, file, unit_rows)
 
-def _record_batches(
-    fs: AbstractFileSystem, file: InputFile, batch_rows: int
-) -> Iterator[tuple[pa.Table, pa.Array]]:
-    start = 0
-    if file.format == "parquet":
+    def caption_tables(
+        self,
+        fs: AbstractFileSystem,
+        file: InputFile,
+        wanted: list[str],
+        batch_rows: int,
+        row_groups: Sequence[int] | None = None,
+    ) -> Iterator[pa.Table]:
+        with fs.open(file.path, "rb") as fh:
+            parquet = pq.ParquetFile(fh)
+            names = parquet.schema_arrow.names
+            missing = [c for c in wanted if c not in names]
+            if missing:
+                raise InputDataError(missing_columns_error(file, missing, names))
+            groups = list(range(parquet.num_row_groups)) if row_groups is None else list(row_groups)
+            if not groups:
+                return
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted, row_groups=groups):
+                yield pa.Table.from_batches([batch])
+
+    def record_batches(
+        self, fs: AbstractFileSystem, file: InputFile, batch_rows: int
+    ) -> Iterator[tuple[pa.Table, pa.Array]]:
+        start = 0
         with fs.open(file.path, "rb") as fh:
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows):
                 yield (
@@ -365,18 +300,70 @@ def _record_batches(
                     pa.array(range(start, start + batch.num_rows), pa.int64()),
                 )
                 start += batch.num_rows
-    elif file.format in ("csv", "tsv"):
+
+
+class CsvReader(FormatReader):
+    """csv and tsv (the delimiter from the file's format)."""
+
+    name = "csv"
+    header_columns = True
+
+    def caption_tables(
+        self,
+        fs: AbstractFileSystem,
+        file: InputFile,
+        wanted: list[str],
+        batch_rows: int,
+        row_groups: Sequence[int] | None = None,
+    ) -> Iterator[pa.Table]:
+        self.check_row_groups(file, row_groups)
+        for table in _csv_batches(fs, file, wanted):
+            for offset in range(0, table.num_rows, batch_rows):
+                yield table.slice(offset, batch_rows)
+
+    def record_batches(
+        self, fs: AbstractFileSystem, file: InputFile, batch_rows: int
+    ) -> Iterator[tuple[pa.Table, pa.Array]]:
+        start = 0
         for table in _csv_batches(fs, file, None):
             yield table, pa.array(range(start, start + table.num_rows), pa.int64())
             start += table.num_rows
-    elif file.format == "txt":
-        for chunk in _chunks(_txt_lines(fs, file), batch_rows):
-            yield (
-                pa.table({TXT_COLUMN: pa.array([c for c, _ in chunk], type=pa.string())}),
-                pa.array(range(start, start + len(chunk)), pa.int64()),
-            )
-            start += len(chunk)
-    elif file.format == "jsonl":
+
+
+class TsvReader(CsvReader):
+    name = "tsv"
+
+
+class JsonlReader(FormatReader):
+    name = "jsonl"
+
+    def caption_tables(
+        self,
+        fs: AbstractFileSystem,
+        file: InputFile,
+        wanted: list[str],
+        batch_rows: int,
+        row_groups: Sequence[int] | None = None,
+    ) -> Iterator[pa.Table]:
+        self.check_row_groups(file, row_groups)
+        # No header: the first records stand for one, so a key none of them has fails the file as a missing csv
+        # column does, before any row is read on (inputs.KEY_CHECK_RECORDS).
+        lines = _jsonl_records(fs, file)
+        head = list(itertools.islice(lines, KEY_CHECK_RECORDS))
+        keys = list(dict.fromkeys(k for record, _ in head if record is not None for k in record))
+        missing = [c for c in wanted if c not in keys]
+        if missing and any(record is not None for record, _ in head):
+            raise InputDataError(missing_columns_error(file, missing, keys))
+        for chunk in _chunks(itertools.chain(head, lines), batch_rows):
+            columns: dict[str, list[Any]] = {}
+            for name in wanted:
+                columns[name] = [None if r is None else r.get(name) for r, _ in chunk]
+            yield _jsonl_table(columns, [e for _, e in chunk], wanted[0])
+
+    def record_batches(
+        self, fs: AbstractFileSystem, file: InputFile, batch_rows: int
+    ) -> Iterator[tuple[pa.Table, pa.Array]]:
+        start = 0
         first_schema: pa.Schema | None = None
         for chunk in _chunks(_jsonl_records(fs, file), batch_rows):
             rows = [start + i for i, (record, _) in enumerate(chunk) if record is not None]
@@ -392,5 +379,121 @@ def _record_batches(
                 )
                 table = table.cast(first_schema)
             yield table, pa.array(rows, pa.int64())
-    else:
-        raise InputDataError(f"{file.source}: unknown format {file.format!r}.")
+
+
+class TxtReader(FormatReader):
+    name = "txt"
+    has_columns = False
+    fixed_caption = TXT_COLUMN
+
+    def caption_tables(
+        self,
+        fs: AbstractFileSystem,
+        file: InputFile,
+        wanted: list[str],
+        batch_rows: int,
+        row_groups: Sequence[int] | None = None,
+    ) -> Iterator[pa.Table]:
+        self.check_row_groups(file, row_groups)
+        for chunk in _chunks(_txt_lines(fs, file), batch_rows):
+            errors = [e for _, e in chunk]
+            yield pa.table(
+                {
+                    TXT_COLUMN: pa.array([c for c, _ in chunk], type=pa.string()),
+                    STATUS_FIELD: pa.array(
+                        [schema.BAD_RECORD if e else None for e in errors], type=pa.string()
+                    ),
+                    ERROR_FIELD: pa.array(errors, type=pa.string()),
+                }
+            )
+
+    def record_batches(
+        self, fs: AbstractFileSystem, file: InputFile, batch_rows: int
+    ) -> Iterator[tuple[pa.Table, pa.Array]]:
+        start = 0
+        for chunk in _chunks(_txt_lines(fs, file), batch_rows):
+            yield (
+                pa.table({TXT_COLUMN: pa.array([c for c, _ in chunk], type=pa.string())}),
+                pa.array(range(start, start + len(chunk)), pa.int64()),
+            )
+            start += len(chunk)
+
+
+# The one table from format name to reader: the plan, the read stage and `auditor filter` ask it.
+READERS: dict[str, FormatReader] = {
+    reader.name: reader
+    for reader in (
+        ParquetReader(),
+        CsvReader(),
+        TsvReader(),
+        JsonlReader(),
+        TxtReader(),
+        WebDatasetReader(),
+        SidecarReader(),
+    )
+}
+
+
+def reader_for(file: InputFile) -> FormatReader:
+    """The reader of a file's format; InputDataError for a format no reader has."""
+    try:
+        return READERS[file.format]
+    except KeyError:
+        raise InputDataError(f"{file.source}: unknown format {file.format!r}.") from None
+
+
+def columns_of(fs: AbstractFileSystem, file: InputFile, wanted: Sequence[str] = ()) -> list[str] | None:
+    """The column names of one file as its reader sees them (None: no records; see FormatReader.columns)."""
+    return reader_for(file).columns(fs, file, wanted)
+
+
+def units_of(fs: AbstractFileSystem, file: InputFile, unit_rows: int) -> list[WorkUnit]:
+    """The file's work units: parquet from its footer (one small read), every other format one unit of unknown
+    size."""
+    return reader_for(file).units(fs, file, unit_rows)
+
+
+# Captions for the audit ------------------------------------------------------------------------------------------
+def read_caption_batches(
+    fs: AbstractFileSystem,
+    file: InputFile,
+    caption_column: str,
+    id_column: str | None = None,
+    keep_columns: tuple[str, ...] = (),
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    row_groups: Sequence[int] | None = None,
+    first_row: int = 0,
+) -> Iterator[pa.Table]:
+    """Tables of READ_SCHEMA + keep columns. status is OK, NOT_STRING or BAD_RECORD; null/empty captions stay OK
+    here (the tokenize stage names them). Raises InputDataError (or the reader's own error) if the file is unusable.
+
+    row_groups (parquet only): read just these row groups, whose first row in the file is first_row (a work unit);
+    None reads the whole file.
+    """
+    reader = reader_for(file)
+    caption_column = reader.fixed_caption or caption_column
+    wanted = [caption_column, *([id_column] if id_column else []), *keep_columns]
+    if not reader.has_columns and (id_column or keep_columns):
+        raise InputDataError(
+            f"{file.source} is a {file.format} file (captions only); --id-column/--keep-columns do not apply."
+        )
+    start = first_row
+    with _decompressing(file):
+        for table in reader.caption_tables(fs, file, wanted, batch_rows, row_groups):
+            missing = [c for c in wanted if c not in table.column_names]
+            if missing and reader.header_columns:
+                raise InputDataError(missing_columns_error(file, missing, table.column_names))
+            yield _normalise(table, file, caption_column, id_column, keep_columns, start)
+            start += table.num_rows
+
+
+# Whole records for `auditor filter` -----------------------------------------------------------------------------
+def read_record_batches(
+    fs: AbstractFileSystem, file: InputFile, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Iterator[tuple[pa.Table, pa.Array]]:
+    """(table of all columns, row indices (int64)) per batch. jsonl lines that are not objects are skipped
+    (the audit recorded them as bad_record); their row indices are skipped with them.
+    """
+    reader = reader_for(file)
+    with _decompressing(file):
+        yield from reader.record_batches(fs, file, batch_rows)

@@ -2,9 +2,9 @@
 
 A parquet file is cut into units of whole row groups, at most `unit_rows` rows each (a row group larger than that
 is a unit of its own); its footer gives every unit's first row, so ids `<source>:<row>` do not depend on the cut.
-A jsonl/csv/tsv/txt file is one unit: its row numbers count lines, which only a read from the start can know, so
-cutting it would mean reading every earlier unit again (and jsonl/csv rows may span lines). Convert large text
-inputs to parquet to get units.
+A jsonl/csv/tsv/txt file or a WebDataset tar is one unit: its row numbers count lines (samples), which only a
+read from the start can know, so cutting it would mean reading every earlier unit again (and jsonl/csv rows may
+span lines). Convert large text inputs to parquet to get units. Which units a file has: auditor.io.readers.units_of.
 """
 
 from __future__ import annotations
@@ -61,10 +61,8 @@ def cut_row_groups(row_group_rows: list[int], unit_rows: int) -> list[WorkUnit]:
     ]
 
 
-def units_of(fs: AbstractFileSystem, file: InputFile, unit_rows: int) -> list[WorkUnit]:
-    """The file's units: parquet from its footer (one small read), every other format one unit of unknown size."""
-    if file.format != "parquet":
-        return [WorkUnit(index=0, file_units=1, first_row=0, rows=None)]
+def row_group_units(fs: AbstractFileSystem, file: InputFile, unit_rows: int) -> list[WorkUnit]:
+    """A parquet file's units, from its footer (one small read). Other formats: auditor.io.readers.units_of."""
     with fs.open(file.path, "rb") as fh:
         metadata = pq.ParquetFile(fh).metadata
         sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]

@@ -1,8 +1,9 @@
 """`run_filter(cfg)`: apply an audit's flags to a dataset; one Ray Data task per input file streams it through.
 
 Each task reads its file batch by batch, looks its rows up in the audit shard of the same file (joined on `id`,
-which is the id column or `<source>:<row>` exactly as the audit built it) and streams the result to
-OUT/<path under DATASET>.parquet. Memory per task is one batch plus one file's (id, flagged, score).
+which is the id column or `<source>:<row>` exactly as the audit built it) and streams the result through the
+format's writer (auditor.io.filter_writers): OUT/<path under DATASET>.parquet, or for WebDataset shards a cleaned
+tar of the same name. Memory per task is one batch (one sample) plus one file's (id, flagged, score).
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from auditor import schema
 from auditor.config import FilterConfig
 from auditor.errors import ConfigError
-from auditor.formats import strip_extensions
+from auditor.io.filter_writers import writer_for
+from auditor.io.format_reader import FilterWriter, Verdicts
 from auditor.io.inputs import InputFile, list_inputs
 from auditor.io.parquet import SCORES_DIR, read_shard
-from auditor.io.readers import read_record_batches
 from auditor.io.storage import TEMPORARY_PREFIX, filesystem_for, join, read_json, write_json
 from auditor.pipeline.audit import AUDIT_FILE, init_ray
 from auditor.pipeline.commit import utc_now
@@ -48,21 +47,12 @@ class FilterResult:
         return 1 if any(f["error"] or not f["audited"] for f in self.files) else 0
 
 
-def output_path_for(root: str, file: InputFile) -> str:
-    return join(root, f"{strip_extensions(file.relative)}.parquet")
-
-
-def row_ids(table: pa.Table, rows: pa.Array, source: str, id_column: str | None) -> pa.Array:
-    synthetic = pa.array([f"{source}:{r}" for r in rows.to_pylist()], pa.string())
-    if id_column and id_column in table.column_names:
-        return pc.coalesce(table.column(id_column).cast(pa.string()), synthetic)
-    return synthetic
-
-
 def filter_file(cfg: FilterConfig, id_column: str | None, file: InputFile) -> dict[str, Any]:
-    """Filter or mark one file; returns its counts. The broad except is the file boundary."""
+    """Filter or mark one file with its format's writer; returns its counts. The broad except is the file
+    boundary. The output appears whole or not at all: it is written to a temporary name, then moved."""
     summary: dict[str, Any] = {"source": file.source, "rows": 0, "flagged": 0, "written": 0, "unaudited": 0}
     summary.update(audited=False, error=None)
+    writer = writer_for(file)
     try:
         in_fs, _ = filesystem_for(file.source, cfg.storage_options)
         audit_fs, audit_path = filesystem_for(cfg.audit_output, cfg.storage_options)
@@ -71,50 +61,33 @@ def filter_file(cfg: FilterConfig, id_column: str | None, file: InputFile) -> di
             audit_fs, join(audit_path, SCORES_DIR), file.shard, [schema.ID, schema.FLAGGED, schema.SCORE]
         )
         summary["audited"] = audited is not None
-        audited = audited if audited is not None else pa.table({schema.ID: pa.array([], pa.string())})
-        audit_ids = audited.column(schema.ID)
-        target = output_path_for(out_root, file)
+        verdicts = Verdicts(
+            audited if audited is not None else pa.table({schema.ID: pa.array([], pa.string())}),
+            audited is not None,
+        )
+        target = writer.target(out_root, file, cfg.mode)
         parent, name = target.rsplit("/", 1)
         temporary = f"{parent}/{TEMPORARY_PREFIX}{name}"
         out_fs.makedirs(parent, exist_ok=True)
-        writer = None
         with out_fs.open(temporary, "wb") as handle:
-            for table, rows in read_record_batches(in_fs, file):
-                index = pc.index_in(row_ids(table, rows, file.source, id_column), value_set=audit_ids)
-                found = pc.is_valid(index)
-                if summary["audited"]:
-                    flag = pc.take(audited.column(schema.FLAGGED), index)
-                    score = pc.take(audited.column(schema.SCORE), index)
-                else:
-                    flag, score = pa.nulls(table.num_rows, pa.bool_()), pa.nulls(table.num_rows, pa.float32())
-                is_flagged = pc.fill_null(flag, False)
-                summary["rows"] += table.num_rows
-                summary["flagged"] += pc.sum(is_flagged).as_py() or 0
-                summary["unaudited"] += table.num_rows - (pc.sum(found).as_py() or 0)
-                if cfg.mode == "drop":
-                    table = table.filter(pc.invert(is_flagged))
-                else:
-                    table = table.append_column(pa.field(schema.MEMORIZATION_FLAG, pa.bool_()), flag)
-                    table = table.append_column(pa.field(schema.MEMORIZATION_SCORE, pa.float32()), score)
-                if writer is None:
-                    writer = pq.ParquetWriter(handle, table.schema)
-                writer.write_table(table.cast(writer.schema))
-                summary["written"] += table.num_rows
-            if writer is not None:
-                writer.close()
+            companions = writer.write(in_fs, file, handle, verdicts, cfg.mode, id_column, summary)
         out_fs.mv(temporary, target)
         summary["output"] = redact_uri(target)
+        for companion in companions:
+            with out_fs.open(f"{parent}/{TEMPORARY_PREFIX}{companion.name}", "wb") as handle:
+                companion.write(handle)
+            out_fs.mv(f"{parent}/{TEMPORARY_PREFIX}{companion.name}", f"{parent}/{companion.name}")
     except Exception as exc:  # fsspec errors quote the URL opened (file.path), credentials included
         summary["error"] = redact_text(f"{type(exc).__name__}: {exc}")
         logger.warning("filter of %s failed: %s", file.source, summary["error"])
-        _remove_quietly(cfg, file)
+        _remove_quietly(cfg, file, writer)
     return summary
 
 
-def _remove_quietly(cfg: FilterConfig, file: InputFile) -> None:
+def _remove_quietly(cfg: FilterConfig, file: InputFile, writer: FilterWriter) -> None:
     try:
         out_fs, out_root = filesystem_for(cfg.output, cfg.storage_options)
-        parent, name = output_path_for(out_root, file).rsplit("/", 1)
+        parent, name = writer.target(out_root, file, cfg.mode).rsplit("/", 1)
         if out_fs.exists(f"{parent}/{TEMPORARY_PREFIX}{name}"):
             out_fs.rm(f"{parent}/{TEMPORARY_PREFIX}{name}")
     except Exception:  # cleanup after a failure must not hide the failure

@@ -23,7 +23,8 @@ from typing import Any
 from auditor.config import AuditConfig, ScoreConfig
 from auditor.errors import ConfigError, InputDataError
 from auditor.io import ledger as ledger_mod
-from auditor.io.inputs import InputFile, list_inputs, missing_columns_error, peek_columns
+from auditor.io.inputs import InputFile, list_inputs
+from auditor.io.readers import columns_of, reader_for
 from auditor.io.storage import filesystem_for, read_json
 from auditor.redact import redact_text, redact_uri
 from auditor.report.calibration import SCALE_FIELDS, calibration_mismatch, score_options_of
@@ -246,21 +247,24 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
     def peek(file: InputFile) -> list[str] | str | None:
         fs, _ = filesystem_for(file.source, cfg.storage_options)
         try:
-            return peek_columns(fs, file, wanted)
+            return columns_of(fs, file, wanted)
         except InputDataError as exc:
             return str(exc)
 
     with ThreadPoolExecutor(max_workers=min(PEEK_THREADS, max(1, len(files)))) as pool:
         peeked = dict(zip([f.source for f in files], pool.map(peek, files), strict=True))
     unreadable = {s: v for s, v in peeked.items() if isinstance(v, str)}
-    txt = [f.source for f in files if f.format == "txt"]
-    if txt and (cfg.id_column or cfg.keep_columns):
+    captions_only = [f for f in files if not reader_for(f).has_columns]
+    if captions_only and (cfg.id_column or cfg.keep_columns):
         raise ConfigError(
-            f"--id-column/--keep-columns need columns, but {txt[0]} is a txt file (one caption per line); "
-            "drop those options or pass only column formats (parquet, jsonl, csv, tsv)."
+            f"--id-column/--keep-columns need columns, but {captions_only[0].source} is a "
+            f"{captions_only[0].format} file (one caption per line); drop those options or pass only column formats "
+            "(parquet, jsonl, csv, tsv, webdataset)."
         )
     columnar = [
-        f for f in files if f.format != "txt" and f.source not in unreadable and peeked[f.source] is not None
+        f
+        for f in files
+        if reader_for(f).has_columns and f.source not in unreadable and peeked[f.source] is not None
     ]
     for name in wanted:
         lacking = [f for f in columnar if name not in peeked[f.source]]
@@ -279,7 +283,7 @@ def check_columns(cfg: AuditConfig, files: list[InputFile]) -> dict[str, str]:
     for f in columnar:
         missing = [name for name in wanted if name not in peeked[f.source]]
         if missing:
-            unreadable[f.source] = missing_columns_error(f, missing, peeked[f.source])
+            unreadable[f.source] = reader_for(f).missing_error(f, missing, peeked[f.source])
     return unreadable
 
 
@@ -375,7 +379,7 @@ def _plan_audit(cfg: AuditConfig) -> AuditPlan:
     if cfg.explain_flagged:
         load_explain()
     # 2. Inputs (one listing, identities included) and what the ledger already holds.
-    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options, cfg.compression)
+    files = list_inputs(cfg.inputs, cfg.format, cfg.storage_options, cfg.compression, cfg.read_sidecars)
     timings["list_inputs"] = time.perf_counter() - started
     started = time.perf_counter()
     out_fs, out_path = filesystem_for(cfg.output, cfg.storage_options)

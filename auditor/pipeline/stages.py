@@ -27,9 +27,9 @@ from auditor.config import AuditConfig, ScoreConfig
 from auditor.histogram import count_scores
 from auditor.io.inputs import InputFile, shard_key
 from auditor.io.parquet import stage_rows
-from auditor.io.readers import DEFAULT_BATCH_ROWS, read_caption_batches
+from auditor.io.readers import DEFAULT_BATCH_ROWS, read_caption_batches, units_of
 from auditor.io.storage import filesystem_for
-from auditor.io.units import WorkUnit, units_of
+from auditor.io.units import WorkUnit
 from auditor.pipeline.activity import READ, SCORE, report_activity
 from auditor.pipeline.metrics import ScoreMetrics, ray_active
 from auditor.pipeline.plan import load_explain, resolve_threshold
@@ -103,7 +103,7 @@ def read_unit_rows(
                 cfg.id_column,
                 cfg.keep_columns,
                 batch_rows=batch_rows,
-                row_groups=unit.row_groups if file.format == "parquet" else None,
+                row_groups=unit.row_groups,
                 first_row=unit.first_row,
             ):
                 rows += table.num_rows

@@ -131,3 +131,20 @@ def test_cpu_per_test_refuses_parallel_workers(tmp_path):
     done = run_with_cpu_per_test(tmp_path, "-n", "2")
     assert done.returncode == 4, done.stdout + done.stderr
     assert "run it without -n" in done.stderr
+
+
+def test_webdataset_bench_smoke_run_prints_every_path(tmp_path, capsys):
+    """bench/webdataset.py is loaded under another name: on sys.path as `webdataset` it would hide the package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_webdataset", BENCH / "webdataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--json", str(tmp_path / "wds.json")]) == 0
+    rows = json.loads((tmp_path / "wds.json").read_text())["results"]["local"]
+    assert [r["path"] for r in rows] == ["plain read", "tars", "sidecars"]
+    assert (
+        rows[1]["captions"] == rows[2]["captions"] == 40
+    )  # 2 shards x 20 samples; failed downloads not counted
+    assert rows[2]["bytes_per_caption"] < rows[1]["bytes_per_caption"]
+    assert "tasks/GPU" in capsys.readouterr().out

@@ -21,8 +21,8 @@ from auditor.formats import CODEC_EXTENSIONS, strip_extensions
 from auditor.io.inputs import InputFile, list_inputs, peek_columns, shard_key
 from auditor.io.ledger import DONE, Ledger, unit_key
 from auditor.io.parquet import commit_unit, read_shard, stage_rows
-from auditor.io.readers import read_caption_batches, read_record_batches
-from auditor.io.units import cut_row_groups, units_of
+from auditor.io.readers import read_caption_batches, read_record_batches, units_of
+from auditor.io.units import cut_row_groups
 
 LOCAL = fsspec.filesystem("file")
 
