@@ -8,10 +8,14 @@ TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.3
 # The versions CI tested (.ci/constraints.py writes it: make constraints). CONSTRAINTS= installs the newest instead.
 CONSTRAINTS ?= constraints.txt
 TOY_MODEL ?= .cache/toy-model
+# img2dataset in a venv of its own (its pins would downgrade webdataset in .venv): the WebDataset test that runs the
+# real producer against a local http.server uses it when it is there (make img2dataset), and skips saying so if not.
+I2D_VENV ?= .venv-img2dataset
+I2D_VERSION ?= 1.47.0
 DEMO_OUT ?= runs/demo
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: help install constraints test test-fast test-lower-bounds demo report-screenshot bench lint format toy-model gpu-wheels clean
+.PHONY: help install constraints img2dataset test test-fast test-lower-bounds demo report-screenshot bench lint format toy-model gpu-wheels clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,7 +40,12 @@ constraints: $(VENV)/.installed  ## rewrite constraints.txt from .venv (after te
 TEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 test: $(VENV)/.installed  ## run the whole test suite (GPU tests skip without CUDA), TEST_WORKERS=3 side by side
-	$(PY) -m pytest -q $(PYTEST_PARALLEL) -rfE --tb=short --durations=15 tests
+	$(if $(wildcard $(I2D_VENV)/bin/img2dataset),IMG2DATASET=$(abspath $(I2D_VENV))/bin/img2dataset) $(PY) -m pytest -q $(PYTEST_PARALLEL) -rfE --tb=short --durations=15 tests
+
+img2dataset:  ## img2dataset in $(I2D_VENV), for the test that writes shards with it (make test finds it there)
+	@test -x $(I2D_VENV)/bin/python || python3 -m venv $(I2D_VENV)
+	$(I2D_VENV)/bin/python -m pip install -q "img2dataset==$(I2D_VERSION)"
+	@$(I2D_VENV)/bin/img2dataset --help >/dev/null && echo "img2dataset $(I2D_VERSION) in $(I2D_VENV)"
 
 test-fast: $(VENV)/.installed  ## unit tests only (no Ray, no S3 server)
 	$(PY) -m pytest -q -rfE --tb=short tests/unit
