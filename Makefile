@@ -45,7 +45,7 @@ test: $(VENV)/.installed  ## run the whole test suite (GPU tests skip without CU
 img2dataset:  ## img2dataset in $(I2D_VENV), for the test that writes shards with it (make test finds it there)
 	@test -x $(I2D_VENV)/bin/python || python3 -m venv $(I2D_VENV)
 	$(I2D_VENV)/bin/python -m pip install -q "img2dataset==$(I2D_VERSION)"
-	@$(I2D_VENV)/bin/img2dataset --help >/dev/null && echo "img2dataset $(I2D_VERSION) in $(I2D_VENV)"
+	@$(I2D_VENV)/bin/img2dataset --help >/dev/null 2>&1 && echo "img2dataset $(I2D_VERSION) in $(I2D_VENV)"
 
 test-fast: $(VENV)/.installed  ## unit tests only (no Ray, no S3 server)
 	$(PY) -m pytest -q -rfE --tb=short tests/unit
