@@ -12,8 +12,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Stages that report from the workers: a read task delivering a table, a score actor finishing a batch.
-READ, SCORE = "read", "score"
+# Stages that report from the workers: a read task delivering a table, a score actor finishing a batch, and a score
+# actor ready (its model loaded: minutes for a large model from object storage, and progress all the same).
+READ, SCORE, ACTOR_READY = "read", "score", "actor_ready"
 
 
 class ActivityLog:

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 
 from auditor.config import AuditConfig
-from auditor.pipeline.activity import READ, SCORE, ActivityLog
+from auditor.pipeline.activity import ACTOR_READY, READ, SCORE, ActivityLog
 from auditor.pipeline.commit import UnitTracker
 from auditor.pipeline.committer import error_text
 from auditor.pipeline.metrics import DriverMetrics
@@ -38,6 +38,7 @@ ACTIVITY_QUERY_TIMEOUT_S = 10.0
 WRITE, COMMIT, START = "write", "commit", "start"
 MOVES = {
     SCORE: "a score actor finished a batch",
+    ACTOR_READY: "a score actor finished loading its model",
     READ: "a read task delivered rows",
     WRITE: "a write batch was acknowledged",
     COMMIT: "a commit task finished",

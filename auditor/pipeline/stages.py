@@ -30,7 +30,7 @@ from auditor.io.parquet import stage_rows
 from auditor.io.readers import DEFAULT_BATCH_ROWS, read_caption_batches, units_of
 from auditor.io.storage import filesystem_for
 from auditor.io.units import WorkUnit
-from auditor.pipeline.activity import READ, SCORE, report_activity
+from auditor.pipeline.activity import ACTOR_READY, READ, SCORE, report_activity
 from auditor.pipeline.metrics import ScoreMetrics, ray_active
 from auditor.pipeline.plan import load_explain, resolve_threshold
 from auditor.pipeline.tokenize import CaptionTokenizer, tokenize_table, tokenized_from_table
@@ -198,6 +198,7 @@ class ScoreActor:
             model_fingerprint = self.scorer.fingerprint
         self.metrics = ScoreMetrics(model_fingerprint)
         logger.info("ScoreActor ready on %s in %.1fs", self.scorer.device, time.perf_counter() - started)
+        report_activity(activity, ACTOR_READY, 0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()

@@ -20,6 +20,7 @@ from audit_corpus import captions
 
 from auditor import schema
 from auditor.config import AuditConfig, FilterConfig
+from tests.scores_close import assert_scores_close
 
 pytestmark = pytest.mark.integration
 
@@ -78,9 +79,7 @@ def test_audit_tars_then_clean_them(ray_local, tmp_path, micro_model_dir, micro_
     by_id = {r["id"]: r for r in rows}
     expected_ids = {f"{tmp_path / 'in' / name}:{s['__key__']}" for name, v in shards.items() for s in v}
     assert set(by_id) == expected_ids and len(rows) == 24
-    np.testing.assert_allclose(
-        [r["score"] for r in rows], [reference[r["caption"]] for r in rows], rtol=1e-5, atol=1e-6
-    )
+    assert_scores_close([r["score"] for r in rows], [reference[r["caption"]] for r in rows])
     flagged = {r["id"].rsplit(":", 1)[1] for r in rows if r["flagged"]}
     assert 0 < len(flagged) < 24
     # A rerun skips the complete shards (the ledger knows each as one unit) and tries the broken one again.
@@ -96,9 +95,7 @@ def test_audit_tars_then_clean_them(ray_local, tmp_path, micro_model_dir, micro_
         again[i]["caption"] == r["caption"] and again[i]["flagged"] == r["flagged"] for i, r in by_id.items()
     )
     # Scores equal up to the batch a caption shared (another read order batches captions differently).
-    np.testing.assert_allclose(
-        [again[i]["score"] for i in by_id], [r["score"] for r in by_id.values()], rtol=1e-5
-    )
+    assert_scores_close([again[i]["score"] for i in by_id], [r["score"] for r in by_id.values()])
 
     # 2. Cleaned shards: same names, exactly the unflagged samples, every kept member byte-identical.
     drop = run_filter(FilterConfig(inputs=(str(tmp_path / "in"),), audit_output=str(tmp_path / "out"),
@@ -190,15 +187,14 @@ def test_add_memorization_scores_on_read_webdataset(ray_local, tmp_path, micro_m
     assert len(scored) == 6 and all(isinstance(row["txt"], bytes) for row in scored)
     for row in scored:
         assert row[schema.MEMORIZATION_STATUS] == schema.OK
-        np.testing.assert_allclose(row[schema.MEMORIZATION_SCORE], reference[row["txt"].decode()], rtol=1e-5)
+        assert_scores_close(row[schema.MEMORIZATION_SCORE], reference[row["txt"].decode()])
     # The default decoder gives str captions: the same scores, here through the callable class alone.
     batch = ray.data.read_webdataset(str(tmp_path / "00000.tar")).take_batch(6, batch_format="pyarrow")
     scorer = MemorizationScorer(model=str(micro_model_dir), caption_column="txt", dtype="fp32")
     decoded = scorer(batch)
-    np.testing.assert_allclose(
+    assert_scores_close(
         decoded.column(schema.MEMORIZATION_SCORE).to_pylist(),
         [reference[t] for t in decoded.column("txt").to_pylist()],
-        rtol=1e-5,
     )
     # Bytes that are not UTF-8 are a bad record, never an error; in every batch kind.
     arrow = scorer(pa.table({"txt": pa.array([texts[0].encode(), b"\xff\xfe", None], pa.binary())}))
@@ -223,9 +219,10 @@ def img2dataset_command() -> list[str] | None:
     "project's venv, so install it in a venv of its own (pip install img2dataset==1.47.0) and set "
     "IMG2DATASET=<that venv>/bin/img2dataset",
 )
-def test_img2dataset_shards_read_from_tars_and_sidecars_alike(tmp_path):
+def test_img2dataset_shards_read_from_tars_and_sidecars_alike(ray_local, tmp_path, micro_model_dir):
     """Shards written by img2dataset itself, downloading from a local http.server (3 URLs fail): the tars and the
-    sidecars give the same ids and captions, the failed downloads and the _stats.json files count nowhere."""
+    sidecars give the same ids and captions, the failed downloads and the _stats.json files count nowhere, and
+    an audit of each way gives the same ids, captions and scores."""
     import functools
     import subprocess
     import threading
@@ -276,6 +273,22 @@ def test_img2dataset_shards_read_from_tars_and_sidecars_alike(tmp_path):
         )
     assert read[False] == read[True]
     assert sorted(c for _, c in read[False]) == sorted(texts[:10])  # the 3 failed downloads count nowhere
+
+    from auditor.pipeline.audit import run
+
+    audited = {}
+    for sidecars in (False, True):
+        out = tmp_path / f"out-{sidecars}"
+        cfg = AuditConfig(inputs=(str(tmp_path / "shards"),), output=str(out), model=str(micro_model_dir),
+                          dtype="fp32", quiet=True, report=False, read_sidecars=sidecars)  # fmt: skip
+        result = run(cfg)
+        assert result.exit_code == 0 and result.counts["rows"] == 10
+        table = pads.dataset(str(out / "scores"), format="parquet", partitioning="hive").to_table()
+        audited[sidecars] = sorted(
+            (r[schema.ID], r[schema.CAPTION], r[schema.SCORE]) for r in table.to_pylist()
+        )
+    assert [(i, c) for i, c, _ in audited[True]] == [(i, c) for i, c, _ in audited[False]] == read[False]
+    assert_scores_close([s for *_, s in audited[True]], [s for *_, s in audited[False]])
 
 
 def test_cleaning_a_gzipped_shard_on_s3_writes_it_whole(s3_endpoint, tmp_path):

@@ -17,7 +17,7 @@ from auditor.io.inputs import list_inputs
 from auditor.io.ledger import DONE, Ledger
 from auditor.io.parquet import commit_unit, read_shard
 from auditor.pipeline import plan as plan_mod
-from auditor.pipeline.activity import READ, SCORE
+from auditor.pipeline.activity import ACTOR_READY, READ, SCORE
 from auditor.pipeline.commit import UnitTracker
 from auditor.pipeline.plan import plan_audit, resolve_threshold
 from auditor.pipeline.stages import (
@@ -76,9 +76,8 @@ def test_score_actor_without_ray(tmp_path, tiny_model_dir, tiny_scorer, parquet_
     assert reads.calls == [(READ, t.num_rows) for t in tables]  # every table read is news for the watchdog
     data = pa.concat_tables(t for t in tables if t.column(schema.STATUS)[0].as_py() != schema.END_OF_UNIT)
     out = ScoreActor(cfg, activity=scores_reported)(data)
-    assert scores_reported.calls == [
-        (SCORE, 6)
-    ]  # the batch's data rows, bad ones included (progress counts them)
+    # Ready, then the batch's data rows, bad ones included (progress counts them).
+    assert scores_reported.calls == [(ACTOR_READY, 0), (SCORE, 6)]
     assert schema.INPUT_IDS not in out.column_names
     status = out.column(schema.STATUS).to_pylist()
     assert status == ["ok"] * 4 + [schema.NULL_CAPTION, schema.EMPTY_CAPTION]
