@@ -356,7 +356,6 @@ def run_holding_lease(
         activity = start_activity_log()
         ds = build_dataset(cfg, plan.pending, resources, plan.model_fingerprint, activity)
         metrics = DriverMetrics(plan.model_fingerprint)
-        tracker.last_ack = time.monotonic()
         monitor = DriverMonitor(
             tracker,
             progress,
